@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up disttrain in ./.venv (idempotent). Used by the README's two commands and by CI.
+#   bash launch/setup.sh          # package + extras; the Fashion-MNIST data if it is nowhere
+#   bash launch/setup.sh --test   # the same, plus what the test suite needs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch>=2.4 is only a lower bound: pip takes the newest release it may (capped on the dev machines).
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,plot,tensorboard]"
+
+# Offline data: Debian's dataset-fashion-mnist ships the real Fashion-MNIST IDX files.
+want_data=1
+[ "${1:-}" = "--test" ] && want_data=0   # the tests generate their own data
+if [ "$want_data" = 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
+   && [ ! -e data/FashionMNIST/raw/train-images-idx3-ubyte ] && [ ! -e data/disttrain-cache/fashion_mnist-train.safetensors ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing Debian's dataset-fashion-mnist (offline Fashion-MNIST)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null; }
+  else
+    echo "setup: Fashion-MNIST not found locally; disttrain will try to download it into ./data"
+  fi
+fi
+echo "setup: ready ($(.venv/bin/python -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__)'))"

@@ -1,0 +1,425 @@
+"""The run directory and its checkpoints: the only module that knows the on-disk layout.
+
+    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock
+    <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
+                                       rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
+    <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
+
+Only safetensors and JSON, no pickle on any path. A checkpoint is written into a temporary directory
+beside the others, fsynced, given a manifest with the SHA-256 of every file, then renamed: a directory
+named step_* is always complete. Old checkpoints are pruned only after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disttrain.errors import UsageError, one_line
+
+FORMAT = "disttrain-checkpoint"
+VERSION = 1
+STEP_RE = re.compile(r"^step_(\d{8})$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+REQUIRED = ("model.safetensors", "state.json", "model.json")
+MAX_JSON_BYTES = 64 << 20
+
+
+class RunDir:
+    """Paths of a run directory, the lock, and the exported model."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.config = self.path / "config.yaml"
+        self.metrics = self.path / "metrics.jsonl"
+        self.model = self.path / "model.safetensors"
+        self.model_meta = self.path / "model.json"
+        self.summary = self.path / "summary.json"
+        self.status = self.path / "status.json"
+        self.best = self.checkpoints / "best"
+        self.tensorboard = self.path / "tensorboard"
+        self._lock_fd: int | None = None
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:08d}"
+
+    def step_dirs(self) -> list[Path]:
+        """Complete-by-name checkpoints, newest first."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = [p for p in self.checkpoints.iterdir() if STEP_RE.match(p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: p.name, reverse=True)
+
+    def has_history(self) -> bool:
+        return self.metrics.exists() or bool(self.step_dirs()) or self.model.exists()
+
+    def lock(self) -> None:
+        """Hold an exclusive flock for the life of this process. The kernel drops it when the process dies
+        (even by kill -9), so a stale lock is simply taken over."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise UsageError(f"--output-dir {self.path}: another live run holds it ({holder or 'unknown'})") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def clear(self) -> None:
+        """--overwrite: remove a previous run's outputs (never anything else in the directory)."""
+        for p in (self.metrics, self.model, self.model_meta, self.summary, self.status, self.config):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        shutil.rmtree(self.tensorboard, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- small file helpers
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename: readers see the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path.name} is implausibly large")
+    return json.loads(path.read_text())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------- state kinds
+
+
+def optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state_dict -> tensors (safetensors) + structure and hyper-parameters (JSON)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(template: dict[str, Any], tensors: dict[str, torch.Tensor],
+                         meta: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild a state_dict, keeping the live optimizer's Python types (tuples stay tuples)."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        pid, _, name = key.partition(".")
+        state.setdefault(int(pid), {})[name] = t
+    for pid, vals in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(vals)
+    groups = []
+    if len(meta["param_groups"]) != len(template["param_groups"]):
+        raise ValueError("optimizer has a different number of parameter groups")
+    for live, saved in zip(template["param_groups"], meta["param_groups"]):
+        g = dict(live)
+        for k, v in saved.items():
+            g[k] = tuple(v) if isinstance(live.get(k), tuple) else v
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+RNG_PARTS = ("python", "numpy", "torch", "cuda")
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG states as int64 tensors (python and numpy states packed losslessly)."""
+    import numpy as np
+
+    version, keys, gauss = random.getstate()
+    g_bits = struct.unpack("<q", struct.pack("<d", gauss))[0] if gauss is not None else 0
+    py = torch.tensor([version, *keys, int(gauss is not None), g_bits], dtype=torch.int64)
+    kind, nkeys, pos, has_g, cached = np.random.get_state()
+    assert kind == "MT19937"
+    c_bits = struct.unpack("<q", struct.pack("<d", float(cached)))[0]
+    npy = torch.tensor([*nkeys.tolist(), pos, has_g, c_bits], dtype=torch.int64)
+    out = {"python": py, "numpy": npy, "torch": torch.get_rng_state().to(torch.int64)}
+    out["cuda"] = (torch.cuda.get_rng_state().to(torch.int64) if torch.cuda.is_available()
+                   else torch.zeros(0, dtype=torch.int64))
+    return out
+
+
+def set_rng_state(parts: dict[str, torch.Tensor]) -> None:
+    import numpy as np
+
+    py = parts["python"].tolist()
+    gauss = struct.unpack("<d", struct.pack("<q", py[-1]))[0] if py[-2] else None
+    random.setstate((py[0], tuple(py[1:-2]), gauss))
+    npy = parts["numpy"].tolist()
+    cached = struct.unpack("<d", struct.pack("<q", npy[-1]))[0]
+    np.random.set_state(("MT19937", np.array(npy[:624], dtype=np.uint32), npy[624], npy[625], cached))
+    torch.set_rng_state(parts["torch"].to(torch.uint8))
+    if torch.cuda.is_available() and parts["cuda"].numel():
+        torch.cuda.set_rng_state(parts["cuda"].to(torch.uint8))
+
+
+def gather_rng(accelerator: Any) -> dict[str, torch.Tensor]:
+    """Every rank's RNG state, gathered to all ranks as tensors (a collective; no pickle)."""
+    mine = rng_state()
+    sizes = [mine[k].numel() for k in RNG_PARTS]
+    flat = torch.cat([mine[k] for k in RNG_PARTS]).to(accelerator.device)
+    every = accelerator.gather(flat.unsqueeze(0)).cpu() if accelerator.num_processes > 1 else flat.unsqueeze(0)
+    out: dict[str, torch.Tensor] = {}
+    for r, row in enumerate(every):
+        for k, part in zip(RNG_PARTS, row.split(sizes)):
+            out[f"rank{r}.{k}"] = part.clone()
+    return out
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _fault(point: str, step: int) -> None:
+    """Test hook: DISTTRAIN_FAULT=<point>:<step> kills this process (SIGKILL) at that point of that save."""
+    spec = os.environ.get("DISTTRAIN_FAULT", "")
+    if spec and spec == f"{point}:{step}":
+        os.kill(os.getpid(), 9)
+
+
+def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int) -> Path:
+    """Write one checkpoint atomically (main process only). `files` maps a file name to a dict of tensors
+    (-> .safetensors) or a JSON-able object (-> .json). Returns the final directory."""
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    final = run.step_dir(step)
+    tmp = run.checkpoints / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier left it; it was never valid
+    tmp.mkdir()
+    _fault("started", step)
+    manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "files": {}}
+    for name, content in files.items():
+        path = tmp / name
+        if name.endswith(".safetensors"):
+            _save_tensors(path, content)
+        else:
+            with open(path, "w") as f:
+                json.dump(content, f)
+                f.flush()
+                os.fsync(f.fileno())
+        manifest["files"][name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _fault(f"wrote-{name}", step)
+    with open(tmp / "manifest.json", "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    _fault("before-rename", step)
+    if final.exists():  # the same step saved by an earlier attempt: replace it, never leave none
+        old = run.checkpoints / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(run.checkpoints)
+    _fault("after-rename", step)
+    for old in run.step_dirs()[keep_last:]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_best(run: RunDir, ckpt: Path, info: dict[str, Any]) -> None:
+    """checkpoints/best/: hard links to the files of `ckpt` (never modified in place) + best.json."""
+    tmp = run.checkpoints / ".tmp-best"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ckpt, tmp, copy_function=os.link)
+    write_json(tmp / "best.json", info)
+    old = run.checkpoints / ".old-best"
+    shutil.rmtree(old, ignore_errors=True)
+    if run.best.exists():
+        os.rename(run.best, old)
+    os.rename(tmp, run.best)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(run.checkpoints)
+
+
+def clean_partial(run: RunDir) -> None:
+    """Remove temporary directories of saves that were killed (main process, at start)."""
+    if run.checkpoints.is_dir():
+        for p in run.checkpoints.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- verify and load
+
+
+def verify(path: Path) -> str | None:
+    """None if `path` is a complete, untampered checkpoint, else why not (one line)."""
+    mf = path / "manifest.json"
+    try:
+        manifest = read_json(mf)
+        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+            return f"{mf}: not a disttrain checkpoint manifest"
+        for name in REQUIRED:
+            if name not in manifest["files"]:
+                return f"{mf}: does not list {name}"
+        for name, info in manifest["files"].items():
+            if not SAFE_NAME.match(name) or "/" in name or name in (".", ".."):
+                return f"{mf}: refuses file name {name!r} (outside the checkpoint)"
+            f = path / name
+            if not f.is_file() or f.is_symlink():
+                return f"{f}: missing"
+            if f.stat().st_size != info["bytes"]:
+                return f"{f}: truncated or changed ({f.stat().st_size} bytes, manifest says {info['bytes']})"
+            if _sha256(f) != info["sha256"]:
+                return f"{f}: checksum mismatch (corrupted or tampered)"
+    except FileNotFoundError:
+        return f"{mf}: missing (incomplete checkpoint)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"{mf}: unreadable ({one_line(e)})"
+    return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a checkpoint dir, a run dir (newest valid), or its manifest."""
+    p = Path(path)
+    if p.is_file() and p.name == "manifest.json":
+        p = p.parent
+    if (p / "manifest.json").exists():
+        return p
+    run = RunDir(p)
+    if run.step_dirs():
+        good, bad = find_latest(run)
+        if good is None:
+            raise UsageError(f"--resume {path}: no valid checkpoint ({'; '.join(bad)})")
+        return good
+    raise UsageError(f"--resume {path}: not a checkpoint directory (no manifest.json)")
+
+
+def find_latest(run: RunDir) -> tuple[Path | None, list[str]]:
+    """Newest checkpoint that verifies, and the reasons the newer ones were skipped."""
+    bad = []
+    for d in run.step_dirs():
+        why = verify(d)
+        if why is None:
+            return d, bad
+        bad.append(why)
+    return None, bad
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Verify and read a checkpoint: tensors via safetensors, the rest via JSON. UsageError if bad."""
+    why = verify(path)
+    if why is not None:
+        raise UsageError(f"checkpoint {why}")
+    try:
+        out: dict[str, Any] = {}
+        for name in read_json(path / "manifest.json")["files"]:
+            f = path / name
+            out[name] = _load_tensors(f) if name.endswith(".safetensors") else read_json(f)
+        return out
+    except Exception as e:  # noqa: BLE001 - verified but still unreadable: report, never load garbage
+        raise UsageError(f"checkpoint {path}: unreadable ({type(e).__name__}: {one_line(e)})") from None
+
+
+# --------------------------------------------------------------------------- exported model
+
+
+def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Final weights (unwrapped state_dict, keys unchanged) + what rebuilds the model, atomically."""
+    from safetensors.torch import save_file
+
+    tmp = run.path / f".model.safetensors.tmp{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp),
+              metadata={"format": "pt", "disttrain": json.dumps({"model": meta.get("model")})})
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    write_json(run.model_meta, meta)
+    os.replace(tmp, run.model)
+    _fsync_dir(run.path)
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
+    """Weights from a model.safetensors, a run directory, or a checkpoint directory; plus model.json
+    when one is beside them, and the directory they came from. UsageError when unreadable."""
+    from safetensors import SafetensorError
+
+    p = Path(path)
+    if p.is_dir() and (p / "manifest.json").exists():
+        data = load_checkpoint(p)
+        return data["model.safetensors"], data["model.json"], p
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file():
+        raise UsageError(f"{path}: no model.safetensors or checkpoint there")
+    try:
+        sd = _load_tensors(p)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"{p}: not a readable safetensors file ({one_line(e)})") from None
+    meta_path = p.parent / "model.json"
+    meta = read_json(meta_path) if meta_path.is_file() else None
+    return sd, meta, p.parent
+
+
+def now() -> float:
+    return time.time()

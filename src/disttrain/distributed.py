@@ -1,0 +1,157 @@
+"""Processes, devices and signals: everything about running as one of many.
+
+Accelerate traps handled here (see README): a CPU job must build `Accelerator(cpu=True)` or torchrun's
+processes each train their own copy; if the environment says N processes were started but Accelerate
+sees one, we stop instead of training copies; fp16 on CPU would silently run fp32, so it is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from disttrain.config import Config
+from disttrain.errors import UsageError
+
+
+def resolve_precision(cfg: Config) -> str:
+    """The flag wins, then the launch config (Accelerate exports it), else full precision."""
+    mp = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
+    if mp not in ("no", "bf16", "fp16"):
+        raise UsageError(f"mixed precision {mp!r} from the launch config is not supported; use no, bf16 or fp16")
+    if mp == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use bf16 or no")
+    return mp
+
+
+def set_threads() -> int:
+    """Intra-op threads = usable cores / processes on this node, unless DISTTRAIN_THREADS says otherwise.
+
+    (torchrun exports OMP_NUM_THREADS=1 for every multi-process job; on CPU that wastes cores.)"""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = int(os.environ.get("DISTTRAIN_THREADS", "0")) or max(1, cores // max(1, local))
+    torch.set_num_threads(n)
+    return n
+
+
+def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None = None) -> Any:
+    """An Accelerator that is really distributed whenever several processes were launched."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    cpu = not torch.cuda.is_available()
+    log_with = cfg.log_with if not cfg.dry_run else None
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != acc.num_processes:
+        raise UsageError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate sees "
+                         f"{acc.num_processes} ({acc.distributed_type}); refusing to train independent copies")
+    return acc
+
+
+def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
+    machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "0")) or 0) or \
+        max(1, acc.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
+    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
+    gb = cfg.batch_size * acc.num_processes * cfg.grad_accum
+    return (f"topology: {acc.num_processes} process(es) on {machines} machine(s), device {acc.device.type}, "
+            f"backend {backend}, {threads} thread(s)/process, batch {cfg.batch_size}/process x "
+            f"{acc.num_processes} x grad-accum {cfg.grad_accum} = global batch {gb}, mixed precision "
+            f"{acc.mixed_precision}, {steps_per_epoch} steps/epoch")
+
+
+class Sync:
+    """Host-side agreement between ranks (stop requests), without touching the GPU stream: on NCCL runs
+    these go over a separate gloo group so they never force a device synchronisation."""
+
+    def __init__(self, acc: Any):
+        self.n = acc.num_processes
+        self.group = None
+        if self.n > 1 and acc.device.type != "cpu":
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def any(self, flag: bool) -> bool:
+        if self.n == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+
+class StopSignal:
+    """SIGTERM, SIGINT or SIGUSR1 during training: finish the step, checkpoint, exit 75.
+
+    A second SIGINT (a user's second Ctrl-C) exits at once. Repeated SIGTERMs do not count: the elastic
+    agent of torchrun/accelerate re-sends SIGTERM to its workers and SIGKILLs them ~30 s later, so the
+    checkpoint has to be written inside that window, not abandoned. Outside the loop the default handlers
+    stay, so a signal during start-up (maybe inside a blocking collective) ends the process at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._sigints = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            self._sigints += 1
+            if self._sigints >= 2:
+                sys.stderr.write("disttrain: second Ctrl-C, exiting without a checkpoint\n")
+                sys.stderr.flush()
+                os._exit(130)
+        self.received = self.received or signal.Signals(signum).name
+
+
+def start_parent_watchdog(interval: float = 1.0) -> None:
+    """Under a launcher, exit at once if the launcher dies (kill -9 leaves workers as orphans that would
+    go on writing into the run directory). Not for a plain `python -m`, where nohup'ing is legitimate."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                try:
+                    sys.stderr.write(f"disttrain: launcher (pid {parent}) died; worker {os.getpid()} exits\n")
+                    sys.stderr.flush()
+                finally:
+                    os._exit(1)
+
+    threading.Thread(target=watch, name="disttrain-parent-watchdog", daemon=True).start()
+
+
+def shutdown() -> None:
+    """Tear down the process group (a finished gloo run can otherwise abort at interpreter exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+def is_launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1

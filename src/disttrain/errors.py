@@ -1,0 +1,21 @@
+"""Exit codes and the one exception type that means "the user gave us bad input"."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # training failed (non-finite loss, crash, dead rank)
+EXIT_USAGE = 2  # bad input: config, flags, data, checkpoint
+EXIT_INTERRUPTED = 75  # stopped by a signal after writing a checkpoint; resume with --resume auto
+
+
+class UsageError(Exception):
+    """Bad input. Printed as one line, exit code 2, no traceback."""
+
+
+class TrainingError(Exception):
+    """The run itself failed (e.g. non-finite loss). Printed as one line, exit code 1."""
+
+
+def one_line(message: object) -> str:
+    """Collapse a message to a single line so the first line a user sees is the whole story."""
+    return " ".join(str(message).split())

@@ -1,0 +1,156 @@
+"""Exact evaluation, and `python -m disttrain.evaluate --checkpoint PATH`.
+
+Each rank evaluates a contiguous shard of the set with no padding, so every sample is counted once;
+the sums are all-reduced, so the result is the same on any world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disttrain.errors import EXIT_USAGE, UsageError, one_line
+
+
+def evaluate(model: Any, data: Any, loss_fn: Any, acc: Any, split: str, prefix: str = "eval",
+             confusion: bool = False) -> dict[str, Any]:
+    """{prefix}_loss (exact sample mean) and, for classification, {prefix}_accuracy."""
+    net = acc.unwrap_model(model)  # no DDP collectives inside: ranks may have different batch counts
+    net.eval()
+    classes = data.spec.num_outputs if data.spec.task == "classification" else 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+    counts = torch.zeros(2, dtype=torch.float64, device=acc.device)  # samples, correct
+    cm = torch.zeros(classes, classes, dtype=torch.int64, device=acc.device) if confusion and classes else None
+    with torch.inference_mode(), acc.autocast():
+        for x, y in data.eval_batches(split):
+            out = net(x)
+            loss_sum += loss_fn(out.float(), y).sum(dtype=torch.float64)
+            counts[0] += len(y)
+            if classes:
+                pred = out.argmax(1)
+                counts[1] += (pred == y).sum()
+                if cm is not None:
+                    cm += torch.bincount(y * classes + pred, minlength=classes * classes).view(classes, classes)
+    net.train()
+    loss_sum, counts = acc.reduce(loss_sum, "sum"), acc.reduce(counts, "sum")
+    n = max(1.0, float(counts[0]))
+    out_d: dict[str, Any] = {f"{prefix}_loss": float(loss_sum) / n}
+    if classes:
+        out_d[f"{prefix}_accuracy"] = float(counts[1]) / n
+    if cm is not None:
+        out_d["confusion_matrix"] = acc.reduce(cm, "sum").cpu().tolist()
+    return out_d
+
+
+def _parser() -> argparse.ArgumentParser:
+    from disttrain.config import _Parser
+
+    p = _Parser(prog="python -m disttrain.evaluate", description="Evaluate a trained disttrain model.",
+                allow_abbrev=False)
+    p.add_argument("--checkpoint", required=True,
+                   help="run directory, its model.safetensors, or a checkpoints/step_* directory")
+    p.add_argument("--data-dir", help="override the saved data dir")
+    p.add_argument("--eval-batch-size", type=int, help="override the evaluation batch size")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
+    p.add_argument("--model", help="rebuild with this model (module:function or built-in) instead of the saved one")
+    p.add_argument("--trust-plugins", action="store_true", help="import plug-ins named in the saved config")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def _saved_config(ckpt_dir: Path, meta_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    for d in (meta_dir, meta_dir.parent.parent):  # run dir, or a checkpoint's run dir
+        if (d / "config.yaml").is_file():
+            return yaml.safe_load((d / "config.yaml").read_text()) or {}
+    state = ckpt_dir / "state.json"
+    if state.is_file():
+        return json.loads(state.read_text())["config"]
+    raise UsageError(f"--checkpoint {ckpt_dir}: no config.yaml beside it; cannot rebuild the data")
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from disttrain import checkpoint as ckpt
+    from disttrain.config import PLUGIN_RE, from_saved
+    from disttrain.data import load_data
+    from disttrain.models import build_model
+    from disttrain.optim import build_loss
+
+    sd, meta, where = ckpt.load_weights(args.checkpoint)
+    cfg = from_saved({k: v for k, v in _saved_config(where, where).items() if k != "config"})
+    for name in ("dataset", "model"):
+        value = getattr(cfg, name)
+        explicit = name == "model" and args.model
+        if PLUGIN_RE.match(value) and not args.trust_plugins and not explicit:
+            raise UsageError(f"the saved config names the plug-in --{name} {value}: importing it runs its code; "
+                             f"pass --trust-plugins{' or --model' if name == 'model' else ''} to allow it")
+    if args.model:
+        cfg.model = args.model
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    if args.eval_batch_size:
+        cfg.eval_batch_size = args.eval_batch_size
+    cfg.resume, cfg.overwrite, cfg.init_from, cfg.log_with = "none", False, None, None
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision or "no")
+    data = load_data(cfg, acc)
+    model = build_model(cfg.model, cfg.model_kwargs, data.spec).to(acc.device)
+    missing = set(model.state_dict()) ^ set(sd)
+    if missing:
+        raise UsageError(f"--checkpoint {args.checkpoint}: weights do not fit --model {cfg.model} "
+                         f"(keys differ: {sorted(missing)[:3]})")
+    model.load_state_dict(sd)
+    if meta and meta.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        data.channels_last = True
+    if (data.val if args.split == "val" else data.test) is None:
+        raise UsageError(f"--split {args.split}: this run has no {args.split} set")
+    loss_fn = build_loss(cfg, data.spec.task)
+    res = evaluate(model, data, loss_fn, acc, args.split, prefix="eval", confusion=True)
+    if data.spec.task == "classification":
+        cm = torch.tensor(res["confusion_matrix"])
+        per = (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
+        names = data.spec.classes or [str(i) for i in range(len(per))]
+        res["per_class_accuracy"] = dict(zip(names, per))
+        res["classes"] = names
+    else:
+        res.pop("confusion_matrix", None)
+    res["samples"] = len(data.val if args.split == "val" else data.test)
+    res["checkpoint"] = str(args.checkpoint)
+    return res
+
+
+def format_report(res: dict[str, Any]) -> str:
+    lines = [f"loss {res['eval_loss']:.6f}"]
+    if "eval_accuracy" in res:
+        lines[0] += f"  accuracy {res['eval_accuracy']:.4f}  ({res['samples']} samples)"
+        width = max(len(c) for c in res["classes"])
+        lines.append("per-class accuracy:")
+        lines += [f"  {c:<{width}}  {a:.4f}" for c, a in res["per_class_accuracy"].items()]
+        lines.append("confusion matrix (rows: true class, columns: predicted):")
+        lines += ["  " + " ".join(f"{v:5d}" for v in row) for row in res["confusion_matrix"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        res = run_evaluate(args)
+    except UsageError as e:
+        print(f"disttrain.evaluate: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_report(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Built-in models, sized from the data (input shape, number of outputs), and model plug-ins."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from disttrain.data import DataSpec, import_plugin
+from disttrain.errors import UsageError, one_line
+
+
+def linear(input_shape: list[int], num_outputs: int) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
+
+
+def mlp(input_shape: list[int], num_outputs: int, hidden: int = 256, depth: int = 2,
+        dropout: float = 0.0) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, num_outputs))
+
+
+def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def cnn(input_shape: list[int], num_outputs: int, width: int = 32, dropout: float = 0.0,
+        double: bool = False) -> nn.Module:
+    """Two conv+BN+pool stages and a linear head: a small net that does well on 28x28 images.
+
+    `double` puts two convs in each stage (slower, a little more accurate).
+    """
+    _require_image(input_shape, "cnn")
+    c, h, w = input_shape
+    a, b = width, 2 * width
+    s1 = _conv_bn(c, a) + (_conv_bn(a, a) if double else [])
+    s2 = _conv_bn(a, b) + (_conv_bn(b, b) if double else [])
+    return nn.Sequential(*s1, nn.MaxPool2d(2), *s2, nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout),
+                         nn.Linear(b * (h // 4) * (w // 4), num_outputs))
+
+
+def lenet(input_shape: list[int], num_outputs: int) -> nn.Module:
+    """The small conv net of the PyTorch TensorBoard tutorial (conv 6, 16, then 120-84-out)."""
+    _require_image(input_shape, "lenet")
+    c, h, w = input_shape
+    hh, ww = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2
+    flat = 16 * hh * ww
+    return nn.Sequential(nn.Conv2d(c, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(flat, 120), nn.ReLU(), nn.Linear(120, 84),
+                         nn.ReLU(), nn.Linear(84, num_outputs))
+
+
+def resnet18(input_shape: list[int], num_outputs: int) -> nn.Module:
+    """torchvision's ResNet-18; for small images a 3x3 stem without max-pool (the CIFAR variant)."""
+    import torchvision
+
+    _require_image(input_shape, "resnet18")
+    c, h, _ = input_shape
+    m = torchvision.models.resnet18(weights=None, num_classes=num_outputs)
+    if h <= 64:
+        m.conv1 = nn.Conv2d(c, 64, 3, 1, 1, bias=False)
+        m.maxpool = nn.Identity()
+    elif c != 3:
+        m.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
+    return m
+
+
+BUILTIN = {"linear": linear, "mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": resnet18}
+
+
+def _require_image(shape: list[int], name: str) -> None:
+    if len(shape) != 3:
+        raise UsageError(f"--model {name} needs image inputs (channels, height, width), got input shape {shape}")
+
+
+def build_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
+    """A built-in model sized from the data, or `module:function(**kwargs)`."""
+    if name in BUILTIN:
+        fn, args = BUILTIN[name], {"input_shape": spec.input_shape, "num_outputs": spec.num_outputs}
+    else:
+        fn, args = import_plugin(name, "--model"), {}
+    try:
+        model = fn(**args, **kwargs)
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - factories are user code or get user kwargs
+        raise UsageError(f"--model {name} with --model-kwargs {kwargs} raised "
+                         f"{type(e).__name__}: {one_line(e)}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {name} must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def is_conv_net(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
+                loss_name: str) -> None:
+    """One real forward + loss before training, so a shape mismatch is reported in seconds."""
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"--model does not accept the data: input batch of shape {list(x.shape)} "
+                         f"raised {type(e).__name__}: {one_line(e)[:300]}") from None
+    if not isinstance(out, torch.Tensor):
+        raise UsageError(f"--model must return a tensor, got {type(out).__name__}")
+    if loss_name == "cross_entropy":
+        if y.is_floating_point() or out.ndim != 2 or out.shape[0] != len(y):
+            raise UsageError(f"--loss cross_entropy needs integer class targets of shape [batch] and outputs "
+                             f"[batch, classes]; got targets {list(y.shape)} {y.dtype} and outputs {list(out.shape)}")
+        if out.shape[1] < spec.num_outputs:
+            raise UsageError(f"model outputs {out.shape[1]} classes but the targets have {spec.num_outputs}")
+    elif out.shape != y.shape and not (out.numel() == y.numel() and out.shape[0] == y.shape[0]):
+        raise UsageError(f"--loss {loss_name}: model output shape {list(out.shape)} does not fit target shape "
+                         f"{list(y.shape)}")
+    loss = loss_fn(out.float(), y)
+    if loss.shape != (len(y),):
+        raise UsageError(f"--loss {loss_name} gave per-sample shape {list(loss.shape)}, expected [{len(y)}]")

@@ -1,0 +1,499 @@
+"""python -m disttrain.train: the plain PyTorch loop, under Accelerate, on any number of processes.
+
+Read `train()` first: it is the loop of the PyTorch tutorials (train mode, zero_grad, forward, loss,
+backward, step, scheduler step; evaluation in eval mode under inference_mode). The few marked lines
+around it make it exact on any world size (per-sample loss weighting, one all-reduce per optimizer step),
+resumable (checkpoints, a stop flag agreed by all ranks) and cheap (no host sync inside a step).
+`setup()` builds everything the loop needs; `main()` turns errors into one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from disttrain import checkpoint as ckpt
+from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
+from disttrain.data import Data, DataSpec, load_data
+from disttrain.distributed import (StopSignal, Sync, is_launched, make_accelerator, resolve_precision,
+                                   set_threads, shutdown, start_parent_watchdog, topology)
+from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
+                              one_line)
+from disttrain.evaluate import evaluate
+from disttrain.metrics import MetricsLog, epoch_line, step_line
+from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
+from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
+
+
+class Interrupted(Exception):
+    """A stop signal was agreed on; a checkpoint has been written."""
+
+
+@dataclass
+class Position:
+    """Where the loop is; saved in every checkpoint (state.json) and restored on resume."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    window: int = 0  # optimizer steps done in this epoch
+    step: int = 0  # optimizer steps done in the run
+    epoch_loss: float = 0.0  # sum of per-sample training losses so far this epoch, all ranks
+    epoch_count: int = 0
+    epoch_train_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time of earlier attempts, up to their last checkpoint
+    best: dict[str, Any] | None = None
+    nonfinite_skips: int = 0
+    resumes: int = 0
+    checkpoints: int = 0
+    last_lr: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by setup()."""
+
+    cfg: Config
+    acc: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loss_fn: Any
+    data: Data
+    rundir: ckpt.RunDir
+    metrics: MetricsLog
+    sync: Sync
+    stop: StopSignal
+    pos: Position
+    total_steps: int
+    model_meta: dict[str, Any]
+    attempt_start: float = field(default_factory=time.time)
+    save_s: float = 0.0
+
+
+class Meter:
+    """Training-loss sums kept on the device, read only at log steps, saves and epoch ends."""
+
+    def __init__(self, device: torch.device, wait_s: float):
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        self.epoch_sum, self.interval_sum = zero(), zero()
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.n_epoch = self.n_interval = self.steps_interval = 0  # host ints: batch sizes are known
+        self.t_interval, self.wait_start = time.perf_counter(), wait_s
+
+    def add(self, window_sum: torch.Tensor, n: int, step: int) -> None:
+        self.epoch_sum += window_sum
+        self.interval_sum += window_sum
+        self.n_epoch, self.n_interval, self.steps_interval = self.n_epoch + n, self.n_interval + n, self.steps_interval + 1
+        # remember the first step whose loss was not finite, without asking the host
+        self.first_bad = torch.where(torch.isfinite(self.epoch_sum) | (self.first_bad >= 0), self.first_bad, step)
+
+    def read(self, acc: Any, which: str) -> tuple[float, int, int]:
+        """(loss sum, samples, first non-finite step or -1) over all ranks, for "epoch" or "interval"."""
+        total, n = (self.epoch_sum, self.n_epoch) if which == "epoch" else (self.interval_sum, self.n_interval)
+        dev = total.device
+        sums = acc.reduce(torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=dev)]), "sum")
+        bad = acc.reduce(self.first_bad.clone(), "max") if acc.num_processes > 1 else self.first_bad
+        return float(sums[0]), int(sums[1]), int(bad)
+
+
+def train(r: Run) -> None:
+    """The loop."""
+    cfg, acc, model, optimizer, data, pos = r.cfg, r.acc, r.model, r.optimizer, r.data, r.pos
+    steps_per_epoch = data.steps_per_epoch()
+    while pos.epoch < cfg.epochs and pos.step < r.total_steps:
+        meter, t_epoch = Meter(acc.device, data.wait_s), time.perf_counter()
+        model.train()
+        bar = _progress_bar(r, steps_per_epoch)
+        for window in data.train_windows(pos.epoch, start=pos.window):
+            optimizer.zero_grad(set_to_none=True)
+            window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+            for i, (x, y) in enumerate(window):
+                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches
+                with acc.no_sync(model) if i < len(window) - 1 else nullcontext():
+                    losses = r.loss_fn(model(x), y)  # per-sample losses, shape [batch]
+                    # --- sum / samples in the window: each sample weighs the same on any world size,
+                    #     micro-batching or partial last window (DDP then averages over ranks)
+                    acc.backward(losses.sum() / window.n_samples)
+                window_loss += losses.detach().sum(dtype=torch.float64)
+            if cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss):
+                continue
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            pos.last_lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            r.scheduler.step()
+            pos.step, pos.window = pos.step + 1, pos.window + 1
+            meter.add(window_loss, window.n_samples, pos.step)
+            if bar is not None:
+                bar.update(1)
+            # --- bookkeeping at step boundaries: logs, agreed stop, periodic checkpoints
+            if pos.step % cfg.log_every == 0:
+                _log_step(r, meter, steps_per_epoch)
+            if r.sync.any(r.stop.received is not None):
+                _save(r, meter)
+                raise Interrupted(r.stop.received or "a signal on another rank")
+            last = pos.window == steps_per_epoch or pos.step >= r.total_steps
+            if cfg.save_every_steps and pos.step % cfg.save_every_steps == 0 and not last:
+                _save(r, meter)
+            if pos.step >= r.total_steps:
+                break
+        if bar is not None:
+            bar.close()
+        pos.epoch_train_s += time.perf_counter() - t_epoch - r.save_s
+        r.save_s = 0.0
+        _end_epoch(r, meter)
+
+
+def _end_epoch(r: Run, meter: Meter) -> None:
+    """Evaluate, write the epoch line, checkpoint (and best/)."""
+    pos, cfg = r.pos, r.cfg
+    s, n, bad = meter.read(r.acc, "epoch")
+    _fail_if_bad(r, bad)
+    pos.epoch_loss, pos.epoch_count = pos.epoch_loss + s, pos.epoch_count + n
+    meter.epoch_sum.zero_()
+    meter.n_epoch = 0
+    rec: dict[str, Any] = {"kind": "epoch", "epoch": pos.epoch + 1, "step": pos.step,
+                           "train_loss": pos.epoch_loss / max(1, pos.epoch_count)}
+    for split in ("val", "eval"):
+        if (r.data.val if split == "val" else r.data.test) is not None:
+            rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
+                                prefix=split))
+    rec["lr"] = pos.last_lr
+    rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
+    rec["elapsed_s"] = _elapsed(r)
+    r.metrics.write(rec)
+    r.acc.print(epoch_line(rec, cfg.epochs))
+    pos.epoch, pos.window = pos.epoch + 1, 0
+    pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
+    key = "val_loss" if "val_loss" in rec else "eval_loss" if "eval_loss" in rec else "train_loss"
+    improved = pos.best is None or rec[key] < pos.best["value"]
+    if improved:
+        pos.best = {"metric": key, "value": rec[key], "step": pos.step, "epoch": rec["epoch"]}
+    path = _save(r, meter)
+    if improved and r.acc.is_main_process:
+        ckpt.save_best(r.rundir, path, pos.best)
+
+
+def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
+    s, n, bad = meter.read(r.acc, "interval")
+    _fail_if_bad(r, bad)
+    now = time.perf_counter()
+    dt = max(now - meter.t_interval, 1e-9)
+    wait = min(1.0, (r.data.wait_s - meter.wait_start) / dt)
+    rec = {"kind": "step", "epoch": r.pos.epoch + 1, "step": r.pos.step, "train_loss": s / max(1, n),
+           "lr": r.pos.last_lr, "samples_per_sec": n / dt, "step_time_s": dt / max(1, meter.steps_interval),
+           "data_wait_fraction": wait}
+    meter.interval_sum.zero_()
+    meter.n_interval = meter.steps_interval = 0
+    meter.t_interval, meter.wait_start = now, r.data.wait_s
+    r.metrics.write(rec)
+    if not _bar_active(r):
+        r.acc.print(step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
+                              rec["lr"], rec["samples_per_sec"], wait))
+
+
+def _skip_nonfinite(r: Run, window_loss: torch.Tensor) -> bool:
+    """--on-nonfinite skip: drop this step's update if any rank's loss is not finite (a host sync per step)."""
+    if not r.sync.any(not bool(torch.isfinite(window_loss))):
+        return False
+    r.optimizer.zero_grad(set_to_none=True)
+    r.pos.nonfinite_skips += 1
+    r.acc.print(f"disttrain: warning: non-finite loss at step {r.pos.step + 1}, update skipped "
+                f"({r.pos.nonfinite_skips}/{r.cfg.max_nonfinite_skips})")
+    if r.pos.nonfinite_skips >= r.cfg.max_nonfinite_skips:
+        raise TrainingError(f"non-finite loss: {r.pos.nonfinite_skips} steps skipped, giving up at step "
+                            f"{r.pos.step + 1}; the last good checkpoint is kept")
+    return False
+
+
+def _fail_if_bad(r: Run, first_bad: int) -> None:
+    if first_bad >= 0:
+        raise TrainingError(f"non-finite loss at step {first_bad} (epoch {r.pos.epoch + 1}); stopping. The last "
+                            "good checkpoint is kept; lower --lr, set --max-grad-norm, or --on-nonfinite skip")
+
+
+def _save(r: Run, meter: Meter) -> ckpt.Path:
+    """A checkpoint of the current position (a collective: every rank calls it)."""
+    t = time.perf_counter()
+    s, n, bad = meter.read(r.acc, "epoch")  # never save after a non-finite loss
+    _fail_if_bad(r, bad)
+    model = r.acc.unwrap_model(r.model)
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
+    rng = ckpt.gather_rng(r.acc)
+    path = r.rundir.step_dir(r.pos.step)
+    if r.acc.is_main_process:
+        r.pos.checkpoints += 1
+        state = dataclasses.asdict(r.pos) | {"elapsed_s": _elapsed(r), "metrics_lines": r.metrics.lines(),
+                                             "epoch_loss": r.pos.epoch_loss + s, "epoch_count": r.pos.epoch_count + n}
+        files = _checkpoint_files(r, model, rng, state)
+        path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last)
+    r.acc.wait_for_everyone()
+    r.save_s += time.perf_counter() - t
+    return path
+
+
+def _checkpoint_files(r: Run, model: Any, rng: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
+    opt_tensors, opt_meta = ckpt.optimizer_to_files(r.optimizer.state_dict())
+    files: dict[str, Any] = {
+        "model.safetensors": model.state_dict(),
+        "optimizer.safetensors": opt_tensors,
+        "optimizer.json": opt_meta,
+        "scheduler.json": r.scheduler.state_dict(),
+        "rng.safetensors": rng,
+        "model.json": r.model_meta,
+        "state.json": {"position": state, "world_size": r.acc.num_processes, "global_batch": _global_batch(r),
+                       "config": r.cfg.to_dict(), "torch": torch.__version__},
+    }
+    if getattr(r.acc, "scaler", None) is not None:
+        files["scaler.json"] = r.acc.scaler.state_dict()
+    return files
+
+
+def _global_batch(r: Run) -> int:
+    return r.cfg.batch_size * r.acc.num_processes * r.cfg.grad_accum
+
+
+def _elapsed(r: Run) -> float:
+    return r.pos.elapsed_s + time.time() - r.attempt_start
+
+
+def _progress_bar(r: Run, steps_per_epoch: int) -> Any:
+    if not _bar_active(r):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.cfg.epochs}",
+                unit="step", leave=False, dynamic_ncols=True)
+
+
+def _bar_active(r: Run) -> bool:
+    return r.cfg.progress and r.acc.is_main_process and sys.stderr.isatty()
+
+
+# =========================================================================== set-up
+
+
+def _resume_source(cfg: Config, rundir: ckpt.RunDir) -> ckpt.Path | None:
+    """Which checkpoint to resume from, or None for a fresh start; refuses what would lose work."""
+    if cfg.resume == "none":
+        if rundir.has_history() and not cfg.overwrite:
+            raise UsageError(f"--output-dir {rundir.path} already holds a run; use --resume auto to continue it "
+                             "or --overwrite to replace it")
+        return None
+    if cfg.resume == "auto":
+        good, bad = ckpt.find_latest(rundir)
+        for why in bad:
+            print(f"disttrain: warning: skipping bad checkpoint: {why}", file=sys.stderr)
+        if good is None and bad:
+            raise UsageError(f"--resume auto: every checkpoint in {rundir.checkpoints} is bad: {'; '.join(bad)}")
+        return good
+    return ckpt.resolve_checkpoint(cfg.resume)
+
+
+def _check_resume(cfg: Config, saved: dict[str, Any], world: int) -> None:
+    diff = config_diff(saved["config"], cfg)
+    if diff:
+        detail = ", ".join(f"{k}: {saved['config'][k]!r} -> {getattr(cfg, k)!r}" for k in diff)
+        raise UsageError(f"--resume: the checkpoint was made with different settings ({detail}); only run length, "
+                         "logging and checkpoint cadence may change")
+    gb = cfg.batch_size * world * cfg.grad_accum
+    if gb != saved["global_batch"] and not cfg.allow_batch_change:
+        raise UsageError(f"--resume: global batch {gb} (batch {cfg.batch_size} x {world} processes x grad-accum "
+                         f"{cfg.grad_accum}) differs from the checkpoint's {saved['global_batch']}; pass "
+                         "--allow-batch-change to accept a different data order")
+
+
+def setup(cfg: Config, stop: StopSignal) -> Run | None:
+    """Build the run; validate everything before the output directory is touched. None on --dry-run."""
+    cfg.mixed_precision = resolve_precision(cfg)
+    threads = set_threads()
+    start_parent_watchdog()
+    acc = make_accelerator(cfg, cfg.mixed_precision)
+    if cfg.output_dir is None:  # one timestamp for all ranks
+        cfg.output_dir = _broadcast_str(acc, default_output_dir(cfg))
+    rundir = ckpt.RunDir(cfg.output_dir)
+    source = _resume_source(cfg, rundir)
+    saved = ckpt.load_checkpoint(source) if source is not None else None
+    if saved is not None:
+        _check_resume(cfg, saved["state.json"], acc.num_processes)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    data = load_data(cfg, acc)
+    model = build_model(cfg.model, cfg.model_kwargs, data.spec)
+    name = loss_name(cfg, data.spec.task)
+    loss_fn = build_loss(cfg, data.spec.task)
+    channels_last = cfg.channels_last and is_conv_net(model) and len(data.spec.input_shape) == 3
+    model.to(acc.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        data.channels_last = True
+    x, y = next(iter(next(data.train_windows(0))))
+    check_batch(model, loss_fn, x, y, data.spec, name)
+    if cfg.init_from:
+        _load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
+    optimizer = build_optimizer(cfg, model)
+    total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
+        min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
+    scheduler = build_scheduler(cfg, optimizer, total)
+    acc.print(topology(acc, cfg, data.steps_per_epoch(), threads))
+    meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
+            "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
+    if cfg.dry_run:
+        acc.print(f"dry run: {cfg.model} with {num_parameters(model):,} parameters, {len(data.train)} training "
+                  f"samples, {total} optimizer steps ({data.steps_per_epoch()}/epoch, {cfg.epochs} epochs), "
+                  f"loss {name}, output dir {rundir.path} (nothing written)")
+        return None
+    # ---- from here on we write into the run directory
+    if acc.is_main_process:
+        rundir.lock()
+        ckpt.clean_partial(rundir)
+        if cfg.overwrite:
+            rundir.clear()
+        ckpt.write_atomic(rundir.config, to_yaml(cfg).encode())
+    pos = Position()
+    if saved is not None:
+        pos = _restore(saved, cfg, acc, model, optimizer, scheduler, source)
+    if cfg.sync_batchnorm and acc.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = acc.prepare(model, optimizer)  # NOT the loaders (re-sharding) nor the scheduler
+    if saved is not None:
+        optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
+                                                           saved["optimizer.json"]))
+        if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
+            acc.scaler.load_state_dict(saved["scaler.json"])
+    tracker = _tracker(cfg, acc, rundir)
+    metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
+    metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
+    if saved is not None:
+        metrics.write({"kind": "resume", "step": pos.step, "checkpoint": str(source)})
+        acc.print(f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
+    return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
+               total, meta)
+
+
+def _restore(saved: dict[str, Any], cfg: Config, acc: Any, model: Any, optimizer: Any, scheduler: Any,
+             source: Any) -> Position:
+    state = saved["state.json"]
+    p = state["position"]
+    pos = Position(**{k: p[k] for k in Position.__dataclass_fields__ if k in p})
+    pos.resumes += 1
+    _load_model_weights(model, saved["model.safetensors"], f"checkpoint {source}")
+    scheduler.load_state_dict(saved["scheduler.json"])
+    if state["global_batch"] != _gb(cfg, acc):  # --allow-batch-change: continue from the sample count
+        pos.window = pos.window * state["global_batch"] // _gb(cfg, acc)
+    rng = saved["rng.safetensors"]
+    if state["world_size"] == acc.num_processes:
+        ckpt.set_rng_state({k: rng[f"rank{acc.process_index}.{k}"] for k in ckpt.RNG_PARTS})
+    else:  # other world size: per-rank streams cannot carry over; derive fresh ones
+        acc.print(f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
+                  "per-rank RNG streams (dropout) restart from the seed")
+        torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
+    return pos
+
+
+def _gb(cfg: Config, acc: Any) -> int:
+    return cfg.batch_size * acc.num_processes * cfg.grad_accum
+
+
+def _load_model_weights(model: Any, sd: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad_shape:
+        raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"shape mismatch {bad_shape[:3]})")
+    model.load_state_dict(sd)
+
+
+def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir) -> Any:
+    if cfg.log_with != "tensorboard" or not acc.is_main_process:
+        return None
+    acc.project_configuration.set_directories(str(rundir.path))
+    acc.project_configuration.logging_dir = str(rundir.tensorboard)
+    acc.init_trackers("", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
+    return acc
+
+
+def _broadcast_str(acc: Any, s: str) -> str:
+    if acc.num_processes == 1:
+        return s
+    buf = torch.zeros(1024, dtype=torch.uint8, device=acc.device)
+    raw = s.encode()[:1024]
+    buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    torch.distributed.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def finish(r: Run) -> None:
+    """Export the final model and the summary (main process)."""
+    model = r.acc.unwrap_model(r.model)
+    if r.acc.is_main_process:
+        ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
+        r.acc.print(f"done: {r.pos.step} steps, model in {r.rundir.model}")
+    r.acc.wait_for_everyone()
+
+
+def _write_status(r: Run | None, state: str, code: int, reason: str) -> None:
+    if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
+        ckpt.write_json(r.rundir.status, {"state": state, "exit_code": code, "step": r.pos.step, "reason": reason,
+                                          "time": time.time()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train; return the exit code (0 ok, 2 bad input, 75 stopped by a signal after a checkpoint, 1 failure)."""
+    r: Run | None = None
+    rank = int(os.environ.get("RANK", "0"))
+    stop = StopSignal()
+    try:
+        cfg = parse_config(argv)
+        r = setup(cfg, stop)
+        if r is None:
+            return EXIT_OK
+        with stop:
+            train(r)
+        finish(r)
+        _write_status(r, "completed", EXIT_OK, "")
+        return EXIT_OK
+    except UsageError as e:
+        if rank == 0 or not is_launched():
+            print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Interrupted as e:
+        msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
+        _write_status(r, "interrupted", EXIT_INTERRUPTED, msg)
+        if r is None or r.acc.is_main_process:
+            print(f"disttrain: {msg}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except TrainingError as e:
+        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        if r is not None:
+            r.metrics.close()
+            if r.cfg.log_with and r.acc.is_main_process:
+                r.acc.end_training()
+            r.rundir.unlock()
+
+
+def _entry() -> None:
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if is_launched():  # gloo can abort a finished run at interpreter exit; leave without running atexit hooks
+        shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    _entry()
