@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -280,6 +281,8 @@ def validate(cfg: Config) -> None:
            f"--init-from {cfg.init_from}: no such file or directory")
     _check(r in RESUME_WORDS or Path(r).exists(), f"--resume {r}: no such checkpoint")
     _check(not (cfg.sync_batchnorm and cfg.compile), "--sync-batchnorm with --compile is not supported")
+    _check(cfg.log_with != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+           "--log-with tensorboard: the tensorboard package is not installed; pip install 'disttrain[tensorboard]'")
     _validate_scheduler_kwargs(cfg)
     _validate_output_dir(cfg)
 

@@ -48,7 +48,7 @@ def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None 
     from accelerate.utils import InitProcessGroupKwargs
 
     cpu = not torch.cuda.is_available()
-    log_with = cfg.log_with if not cfg.dry_run else None
+    log_with = None  # --log-with: train._tracker attaches the tracker once the run directory is known
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
     launched = int(os.environ.get("WORLD_SIZE", "1"))

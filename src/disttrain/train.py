@@ -370,7 +370,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
                                                            saved["optimizer.json"]))
         if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(saved["scaler.json"])
-    tracker = _tracker(cfg, acc, rundir)
+    tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
     if saved is not None:
@@ -414,11 +414,13 @@ def _load_model_weights(model: Any, sd: dict[str, torch.Tensor], what: str) -> N
     model.load_state_dict(sd)
 
 
-def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir) -> Any:
+def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -> Any:
     if cfg.log_with != "tensorboard" or not acc.is_main_process:
         return None
-    acc.project_configuration.set_directories(str(rundir.path))
-    acc.project_configuration.logging_dir = str(rundir.tensorboard)
+    from accelerate.tracking import TensorBoardTracker
+
+    # purge_step: on resume, TensorBoard hides events logged after the checkpoint (metrics.jsonl drops them too)
+    acc.log_with = [TensorBoardTracker("", str(rundir.tensorboard), purge_step=resume_step + 1 if resume_step else None)]
     acc.init_trackers("", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
     return acc
 
@@ -481,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         if r is not None:
             r.metrics.close()
             if r.cfg.log_with and r.acc.is_main_process:
-                r.acc.end_training()
+                for t in r.acc.trackers:  # not end_training(): that also tears down the process group
+                    t.finish()
             r.rundir.unlock()
 
 
