@@ -47,7 +47,8 @@ def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    cpu = not torch.cuda.is_available()
+    # DISTTRAIN_FORCE_CPU=0 lets Accelerate pick the device itself (the trap the guard below catches; tests)
+    cpu = not torch.cuda.is_available() and os.environ.get("DISTTRAIN_FORCE_CPU", "1") != "0"
     log_with = None  # --log-with: train._tracker attaches the tracker once the run directory is known
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])

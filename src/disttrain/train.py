@@ -31,6 +31,7 @@ from disttrain.evaluate import evaluate
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
+from disttrain.summary import write_summary
 
 
 class Interrupted(Exception):
@@ -108,7 +109,7 @@ def train(r: Run) -> None:
     cfg, acc, model, optimizer, data, pos = r.cfg, r.acc, r.model, r.optimizer, r.data, r.pos
     steps_per_epoch = data.steps_per_epoch()
     while pos.epoch < cfg.epochs and pos.step < r.total_steps:
-        meter, t_epoch = Meter(acc.device, data.wait_s), time.perf_counter()
+        meter, t_epoch, r.save_s = Meter(acc.device, data.wait_s), time.perf_counter(), 0.0
         model.train()
         bar = _progress_bar(r, steps_per_epoch)
         for window in data.train_windows(pos.epoch, start=pos.window):
@@ -147,7 +148,6 @@ def train(r: Run) -> None:
         if bar is not None:
             bar.close()
         pos.epoch_train_s += time.perf_counter() - t_epoch - r.save_s
-        r.save_s = 0.0
         _end_epoch(r, meter)
 
 
@@ -170,8 +170,9 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
     r.acc.print(epoch_line(rec, cfg.epochs))
-    pos.epoch, pos.window = pos.epoch + 1, 0
-    pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
+    if pos.window >= r.data.steps_per_epoch():  # a run cut short by --max-steps stays inside its epoch,
+        pos.epoch, pos.window = pos.epoch + 1, 0  # so a resume with a longer run continues it
+        pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
     key = "val_loss" if "val_loss" in rec else "eval_loss" if "eval_loss" in rec else "train_loss"
     improved = pos.best is None or rec[key] < pos.best["value"]
     if improved:
@@ -290,10 +291,10 @@ def _resume_source(cfg: Config, rundir: ckpt.RunDir) -> ckpt.Path | None:
         return None
     if cfg.resume == "auto":
         good, bad = ckpt.find_latest(rundir)
+        if good is None and bad:  # one line: the error names every bad checkpoint itself
+            raise UsageError(f"--resume auto: every checkpoint in {rundir.checkpoints} is bad: {'; '.join(bad)}")
         for why in bad:
             print(f"disttrain: warning: skipping bad checkpoint: {why}", file=sys.stderr)
-        if good is None and bad:
-            raise UsageError(f"--resume auto: every checkpoint in {rundir.checkpoints} is bad: {'; '.join(bad)}")
         return good
     return ckpt.resolve_checkpoint(cfg.resume)
 
@@ -441,6 +442,7 @@ def finish(r: Run) -> None:
     if r.acc.is_main_process:
         ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
         r.acc.print(f"done: {r.pos.step} steps, model in {r.rundir.model}")
+    write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()
 
 
