@@ -1,0 +1,153 @@
+"""python -m disttrain.launch [accelerate launch options] -- [disttrain.train flags]
+
+A thin wrapper around `accelerate launch ... -m disttrain.train`, for scripts and schedulers (slurm/train.sh).
+Plain `accelerate launch` falls short in three ways that matter there:
+
+1. Bad flags are found only after every process has started, and come back as exit 1 buried under
+   Accelerate's traceback. Here they are checked first, in this process: `disttrain: error: <one line>`, exit 2,
+   nothing started. The output directory is resolved once here and passed to every node, so all agree.
+2. Signals: torchrun's agent dies of SIGUSR1 without passing it on, and a terminal's Ctrl-C or Slurm's signal
+   would otherwise reach agent and workers at different times. The child runs in its own session; SIGTERM,
+   SIGINT and SIGUSR1 sent to this process become one SIGTERM to the whole child process group (the trainer
+   then finishes its step, checkpoints and exits 75; it ignores repeated SIGTERMs). A second SIGINT is sent
+   on as SIGINT (twice: the trainer aborts at once on its second SIGINT); a third kills the group.
+3. The exit code: Accelerate turns every failing worker into exit 1. Here the code comes from the run
+   directory's status.json when this attempt wrote it (0 completed, 75 interrupted after a checkpoint,
+   1 failed, 2 bad input), else from the child; our one-line reason is printed LAST so users find it.
+
+Without `--`, every argument is a disttrain.train flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from disttrain.config import default_output_dir, parse_config
+from disttrain.errors import EXIT_USAGE, UsageError, one_line
+
+PROG = "disttrain-launch"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(accelerate launch options, disttrain.train flags), split at the first `--`."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return [], list(argv)
+
+
+def _option(opts: list[str], name: str) -> str | None:
+    """The value of an accelerate option given as `--name v` or `--name=v` (last one wins)."""
+    value = None
+    for i, a in enumerate(opts):
+        if a == name and i + 1 < len(opts):
+            value = opts[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+class Forwarder:
+    """Signal handlers that pass stop requests on to the child's process group."""
+
+    def __init__(self, child: subprocess.Popen[bytes]):
+        self.child, self.sigints, self.resend_at = child, 0, 0.0
+        self.received: str | None = None
+
+    def _kill(self, sig: int) -> None:
+        try:
+            os.killpg(self.child.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def handler(self, signum: int, frame: Any) -> None:
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self.sigints += 1
+            if self.sigints == 2:  # the user insists: abort without a checkpoint
+                self._kill(signal.SIGINT)
+                self.resend_at = time.monotonic() + 0.3
+                return
+            if self.sigints > 2:
+                self._kill(signal.SIGKILL)
+                return
+        self._kill(signal.SIGTERM)
+
+    def wait(self) -> int:
+        """Wait for the child; returns its exit code (128+N when killed by signal N)."""
+        while True:
+            try:
+                rc = self.child.wait(timeout=0.1)
+                return 128 - rc if rc < 0 else rc
+            except subprocess.TimeoutExpired:
+                if self.resend_at and time.monotonic() >= self.resend_at:
+                    self.resend_at = 0.0
+                    self._kill(signal.SIGINT)
+
+
+def read_status(path: Path, since: float, wait_s: float = 0.0) -> dict[str, Any] | None:
+    """status.json if written at or after `since` (this attempt), polling up to wait_s seconds for it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status = json.loads(path.read_text())
+            if isinstance(status, dict) and float(status.get("time", 0)) >= since:
+                return status
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    acc_opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(flags, prog=PROG)
+    except UsageError as e:
+        print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    if cfg.output_dir is None:  # one name for every node (each would otherwise stamp its own time)
+        cfg.output_dir = default_output_dir(cfg)
+        flags = [*flags, "--output-dir", cfg.output_dir]
+    status_file = Path(cfg.output_dir) / "status.json"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *acc_opts, "-m", "disttrain.train", *flags]
+    start = time.time() - 1.0  # status.json "time" is a wall clock written by another process
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    child = subprocess.Popen(cmd, start_new_session=True)  # own group: only we decide what it receives
+    fwd = Forwarder(child)
+    for s in STOP_SIGNALS:
+        signal.signal(s, fwd.handler)
+    try:
+        rc = fwd.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    # Machines other than the first: the main rank writes status.json on another node, maybe a moment later.
+    machine_rank = _option(acc_opts, "--machine_rank") or "0"
+    status = None if cfg.dry_run else read_status(status_file, start, 5.0 if rc and machine_rank != "0" else 0.0)
+    if status is not None and isinstance(status.get("exit_code"), int):
+        code, state, reason = status["exit_code"], status.get("state", "?"), status.get("reason") or ""
+        where = f" at step {status['step']}" if "step" in status else ""
+        print(f"{PROG}: training {state}{where} (exit {code}){': ' + reason if reason else ''}", file=sys.stderr)
+        return code
+    what = f"stopped by {fwd.received}" if fwd.received else "exited"
+    print(f"{PROG}: training {what} with code {rc}"
+          + ("" if rc == 0 else f" before writing {status_file}; the first error above says why"), file=sys.stderr)
+    return rc
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()
