@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from disttrain.errors import UsageError, one_line
+from disttrain.errors import TrainingError, UsageError, one_line
 
 FORMAT = "disttrain-checkpoint"
 VERSION = 1
@@ -246,7 +246,27 @@ def _fault(point: str, step: int) -> None:
 
 def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int) -> Path:
     """Write one checkpoint atomically (main process only). `files` maps a file name to a dict of tensors
-    (-> .safetensors) or a JSON-able object (-> .json). Returns the final directory."""
+    (-> .safetensors) or a JSON-able object (-> .json). Returns the final directory.
+
+    A failed write (disk full, read-only or vanished directory) removes the temporary directory, leaves
+    every earlier checkpoint as it was, and raises TrainingError naming the path and the errno."""
+    from safetensors import SafetensorError
+
+    try:
+        return _save_checkpoint(run, step, files, keep_last)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(run.checkpoints / f".tmp-{run.step_dir(step).name}", ignore_errors=True)
+        if isinstance(e, OSError):
+            what = f"[Errno {e.errno}] {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror} ({e.filename or run.checkpoints})"
+        else:
+            m = re.search(r"(?:code: |os error )(\d+)", str(e))
+            code = int(m.group(1)) if m else 0
+            what = f"[Errno {code}] {errno.errorcode.get(code, '?')}: {os.strerror(code) if code else one_line(e)}"
+        raise TrainingError(f"cannot write checkpoint {run.step_dir(step)}: {what}; the previous checkpoint is "
+                            "kept and the partial one removed") from None
+
+
+def _save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int) -> Path:
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     final = run.step_dir(step)
     tmp = run.checkpoints / f".tmp-{final.name}"
@@ -372,6 +392,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     why = verify(path)
     if why is not None:
         raise UsageError(f"checkpoint {why}")
+    f = path / "manifest.json"
     try:
         out: dict[str, Any] = {}
         for name in read_json(path / "manifest.json")["files"]:
@@ -379,7 +400,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             out[name] = _load_tensors(f) if name.endswith(".safetensors") else read_json(f)
         return out
     except Exception as e:  # noqa: BLE001 - verified but still unreadable: report, never load garbage
-        raise UsageError(f"checkpoint {path}: unreadable ({type(e).__name__}: {one_line(e)})") from None
+        kind = "safetensors" if f.name.endswith(".safetensors") else "JSON"
+        raise UsageError(f"checkpoint {f}: unreadable, expected {kind} ({type(e).__name__}: {one_line(e)[:200]})") from None
 
 
 # --------------------------------------------------------------------------- exported model

@@ -178,6 +178,8 @@ def convert(name: str, value: Any, source: str) -> Any:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + exits; we want one line
+        if message.startswith(("unrecognized arguments", "argument ")):
+            message += "; see --help for the flags and what they take"
         raise UsageError(message)
 
 
@@ -202,7 +204,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
+        raise UsageError(f"--config {path}: {'not a file' if p.exists() else 'no such file'}; expected a YAML file")
     try:
         data = yaml.safe_load(p.read_text())
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
@@ -213,7 +215,11 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: must be a mapping of keys to values, got {type(data).__name__}")
     unknown = [k for k in data if k not in FIELDS or k == "config"]
     if unknown:
-        raise UsageError(f"--config {path}: unknown key(s) {', '.join(map(str, unknown))}")
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k).replace("-", "_"),
+                 [f for f in FIELDS if f != "config"], n=1)) else str(k) for k in unknown]
+        raise UsageError(f"--config {path}: unknown key(s) {', '.join(hints)}; keys are the flags in snake_case")
     return data
 
 

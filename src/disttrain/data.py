@@ -152,7 +152,8 @@ def _prepare_image_dataset(name: str, data_dir: Path) -> None:
         except Exception as e:  # noqa: BLE001 - torchvision raises many kinds; all mean "no usable data"
             why = f"download failed: {one_line(e)[:200]}" if download else f"unreadable: {one_line(e)[:200]}"
             raise UsageError(_not_found(name, data_dir, why) if download else
-                             f"--dataset {name} in {data_dir}: {why}") from None
+                             f"--dataset {name} in {data_dir}: {why}; expected complete {cls_name} files "
+                             f"(truncated or corrupted? copy them again)") from None
         x = torch.as_tensor(ds.data)
         x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # N,C,H,W uint8
         y = torch.as_tensor(ds.targets, dtype=torch.int64)

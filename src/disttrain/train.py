@@ -123,15 +123,17 @@ def train(r: Run) -> None:
                     #     micro-batching or partial last window (DDP then averages over ranks)
                     acc.backward(losses.sum() / window.n_samples)
                 window_loss += losses.detach().sum(dtype=torch.float64)
-            if cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss):
-                continue
-            if cfg.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            pos.last_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            # --on-nonfinite skip: no update, but the step slot (schedule, data position) is used up
+            skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
+            if not skipped:
+                if cfg.max_grad_norm:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                pos.last_lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
             r.scheduler.step()
             pos.step, pos.window = pos.step + 1, pos.window + 1
-            meter.add(window_loss, window.n_samples, pos.step)
+            meter.add(torch.zeros_like(window_loss) if skipped else window_loss,
+                      0 if skipped else window.n_samples, pos.step)
             if bar is not None:
                 bar.update(1)
             # --- bookkeeping at step boundaries: logs, agreed stop, periodic checkpoints
@@ -211,7 +213,7 @@ def _skip_nonfinite(r: Run, window_loss: torch.Tensor) -> bool:
     if r.pos.nonfinite_skips >= r.cfg.max_nonfinite_skips:
         raise TrainingError(f"non-finite loss: {r.pos.nonfinite_skips} steps skipped, giving up at step "
                             f"{r.pos.step + 1}; the last good checkpoint is kept")
-    return False
+    return True
 
 
 def _fail_if_bad(r: Run, first_bad: int) -> None:
@@ -230,12 +232,18 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
         raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
     rng = ckpt.gather_rng(r.acc)
     path = r.rundir.step_dir(r.pos.step)
+    failed: TrainingError | None = None
     if r.acc.is_main_process:
         r.pos.checkpoints += 1
         state = dataclasses.asdict(r.pos) | {"elapsed_s": _elapsed(r), "metrics_lines": r.metrics.lines(),
                                              "epoch_loss": r.pos.epoch_loss + s, "epoch_count": r.pos.epoch_count + n}
         files = _checkpoint_files(r, model, rng, state)
-        path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last)
+        try:
+            path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last)
+        except TrainingError as e:  # disk full / unwritable: every rank stops together, exit 1
+            failed = e
+    if r.sync.any(failed is not None):
+        raise failed or TrainingError(f"the main process could not write checkpoint {path}; stopping")
     r.acc.wait_for_everyone()
     r.save_s += time.perf_counter() - t
     return path
@@ -448,8 +456,11 @@ def finish(r: Run) -> None:
 
 def _write_status(r: Run | None, state: str, code: int, reason: str) -> None:
     if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
-        ckpt.write_json(r.rundir.status, {"state": state, "exit_code": code, "step": r.pos.step, "reason": reason,
-                                          "time": time.time()})
+        try:
+            ckpt.write_json(r.rundir.status, {"state": state, "exit_code": code, "step": r.pos.step,
+                                              "reason": reason, "time": time.time()})
+        except OSError as e:  # e.g. the disk that stopped the run is still full: the exit code still tells
+            print(f"disttrain: warning: cannot write {r.rundir.status}: {one_line(e)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         _write_status(r, "failed", EXIT_FAILURE, one_line(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:  # e.g. disk full while writing metrics or the final model: one line, exit 1
+        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {one_line(e)}",
+              file=sys.stderr)
         return EXIT_FAILURE
     finally:
         if r is not None:
