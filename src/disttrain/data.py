@@ -60,6 +60,15 @@ class DataSpec:
     std: list[float] | None = None
 
 
+def normalize_uint8(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    """uint8 images -> float: x/255, then (x - mean) / std (per-channel tensors shaped to broadcast, or None).
+    The one place of this formula: training, evaluation and `disttrain.predict` all go through it."""
+    x = x.float().div_(255)
+    if mean is not None:
+        x = x.sub_(mean).div_(std)
+    return x
+
+
 class ArrayDataset(Dataset):
     """A dataset held as two tensors; items are raw (uint8 images stay uint8)."""
 
@@ -316,9 +325,7 @@ class Data:
         """uint8 images -> normalised float on the device (augmented when training)."""
         x = x.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
-            x = x.float().div_(255)
-            if self._mean is not None:
-                x = x.sub_(self._mean).div_(self._std)
+            x = normalize_uint8(x, self._mean, self._std)
         if aug is not None:
             x = augment_batch(x, aug, idx)
         if self.channels_last and x.ndim == 4:
