@@ -343,6 +343,9 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         data.channels_last = True
+    if cfg.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cpu":
+        raise UsageError("--sync-batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); "
+                         "batch-norm statistics stay per process")
     x, y = next(iter(next(data.train_windows(0))))
     check_batch(model, loss_fn, x, y, data.spec, name)
     if cfg.init_from:
@@ -369,7 +372,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     pos = Position()
     if saved is not None:
         pos = _restore(saved, cfg, acc, model, optimizer, scheduler, source)
-    if cfg.sync_batchnorm and acc.num_processes > 1:
+    if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, below)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
         model = torch.compile(model)
