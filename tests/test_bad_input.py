@@ -162,7 +162,7 @@ CASES = [
     Case("yaml-python-object", ["--config", "{tmp}/cfg.yaml"], ["cfg.yaml", "not valid YAML"],
          prepare=_yaml("lr: !!python/object/apply:os.system ['touch pwned']\n")),
     Case("config-missing", ["--config", "{tmp}/nope.yaml"], ["nope.yaml", "no such file"]),
-    Case("config-is-dir", ["--config", "{tmp}"], ["--config", "no such file"]),
+    Case("config-is-dir", ["--config", "{tmp}"], ["--config", "not a file", "YAML file"]),
     # ---- choices and names
     Case("mixed-precision-fp16-on-cpu", ["--mixed-precision", "fp16"], ["fp16", "GPU", "bf16 or no"],
          skip="CUDA is available: fp16 is valid here" if torch.cuda.is_available() else None),
