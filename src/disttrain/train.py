@@ -34,6 +34,9 @@ from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_n
 from disttrain.summary import write_summary
 
 
+STOP_EVERY = 4  # steps between stop-flag agreements in multi-process runs
+
+
 class Interrupted(Exception):
     """A stop signal was agreed on; a checkpoint has been written."""
 
@@ -84,7 +87,8 @@ class Meter:
     def __init__(self, device: torch.device, wait_s: float):
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         self.epoch_sum, self.interval_sum = zero(), zero()
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.finite_adds = torch.zeros((), dtype=torch.int64, device=device)  # adds that left the sum finite
+        self.n_adds, self.step0 = 0, 0  # host ints: adds so far, the step before the first add
         self.n_epoch = self.n_interval = self.steps_interval = 0  # host ints: batch sizes are known
         self.t_interval, self.wait_start = time.perf_counter(), wait_s
 
@@ -92,8 +96,16 @@ class Meter:
         self.epoch_sum += window_sum
         self.interval_sum += window_sum
         self.n_epoch, self.n_interval, self.steps_interval = self.n_epoch + n, self.n_interval + n, self.steps_interval + 1
-        # remember the first step whose loss was not finite, without asking the host
-        self.first_bad = torch.where(torch.isfinite(self.epoch_sum) | (self.first_bad >= 0), self.first_bad, step)
+        # remember the first step whose loss was not finite, without asking the host: a non-finite value
+        # stays non-finite in a sum, so counting the adds after which the sum was finite (2 small ops) is enough
+        self.step0 = step - 1 if self.n_adds == 0 else self.step0
+        self.n_adds += 1
+        self.finite_adds += torch.isfinite(self.epoch_sum)
+
+    @property
+    def first_bad(self) -> torch.Tensor:
+        """The first step (of this meter) whose loss was not finite, or -1; a device tensor."""
+        return torch.where(self.finite_adds < self.n_adds, self.finite_adds + (self.step0 + 1), -1)
 
     def read(self, acc: Any, which: str) -> tuple[float, int, int]:
         """(loss sum, samples, first non-finite step or -1) over all ranks, for "epoch" or "interval"."""
@@ -108,13 +120,17 @@ def train(r: Run) -> None:
     """The loop."""
     cfg, acc, model, optimizer, data, pos = r.cfg, r.acc, r.model, r.optimizer, r.data, r.pos
     steps_per_epoch = data.steps_per_epoch()
+    # Accelerate's optimizer wrapper looks up optional packages on the file system at every step: step the
+    # wrapped optimizer itself unless the wrapper has real work (an fp16 grad scaler, XLA)
+    opt = optimizer.optimizer if (hasattr(optimizer, "optimizer") and getattr(acc, "scaler", None) is None
+                                  and acc.distributed_type != "XLA") else optimizer
     while pos.epoch < cfg.epochs and pos.step < r.total_steps:
         meter, t_epoch, r.save_s = Meter(acc.device, data.wait_s), time.perf_counter(), 0.0
         model.train()
         bar = _progress_bar(r, steps_per_epoch)
         for window in data.train_windows(pos.epoch, start=pos.window):
-            optimizer.zero_grad(set_to_none=True)
-            window_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
+            opt.zero_grad(set_to_none=True)
+            window_loss: Any = None
             for i, (x, y) in enumerate(window):
                 # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches
                 with acc.no_sync(model) if i < len(window) - 1 else nullcontext():
@@ -122,14 +138,15 @@ def train(r: Run) -> None:
                     # --- sum / samples in the window: each sample weighs the same on any world size,
                     #     micro-batching or partial last window (DDP then averages over ranks)
                     acc.backward(losses.sum() / window.n_samples)
-                window_loss += losses.detach().sum(dtype=torch.float64)
+                s = losses.detach().sum(dtype=torch.float64)
+                window_loss = s if window_loss is None else window_loss + s
             # --on-nonfinite skip: no update, but the step slot (schedule, data position) is used up
             skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
             if not skipped:
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                pos.last_lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
+                pos.last_lr = opt.param_groups[0]["lr"]
+                opt.step()
             r.scheduler.step()
             pos.step, pos.window = pos.step + 1, pos.window + 1
             meter.add(torch.zeros_like(window_loss) if skipped else window_loss,
@@ -139,7 +156,9 @@ def train(r: Run) -> None:
             # --- bookkeeping at step boundaries: logs, agreed stop, periodic checkpoints
             if pos.step % cfg.log_every == 0:
                 _log_step(r, meter, steps_per_epoch)
-            if r.sync.any(r.stop.received is not None):
+            # agreed stop: every step on one process; across processes every STOP_EVERY steps (a gloo round
+            # trip each), so all ranks stop after the same step, at most STOP_EVERY - 1 steps later
+            if (r.sync.n == 1 or pos.step % STOP_EVERY == 0) and r.sync.any(r.stop.received is not None):
                 _save(r, meter)
                 raise Interrupted(r.stop.received or "a signal on another rank")
             last = pos.window == steps_per_epoch or pos.step >= r.total_steps
