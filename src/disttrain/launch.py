@@ -6,11 +6,12 @@ Plain `accelerate launch` falls short in three ways that matter there:
 1. Bad flags are found only after every process has started, and come back as exit 1 buried under
    Accelerate's traceback. Here they are checked first, in this process: `disttrain: error: <one line>`, exit 2,
    nothing started. The output directory is resolved once here and passed to every node, so all agree.
-2. Signals: torchrun's agent dies of SIGUSR1 without passing it on, and a terminal's Ctrl-C or Slurm's signal
-   would otherwise reach agent and workers at different times. The child runs in its own session; SIGTERM,
-   SIGINT and SIGUSR1 sent to this process become one SIGTERM to the whole child process group (the trainer
-   then finishes its step, checkpoints and exits 75; it ignores repeated SIGTERMs). A second SIGINT is sent
-   on as SIGINT (twice: the trainer aborts at once on its second SIGINT); a third kills the group.
+2. Signals: torchrun's agent dies of SIGUSR1 without passing it on, and dies of a second signal while it
+   waits for its workers to stop. The child runs in its own session (a terminal's Ctrl-C reaches only us);
+   the first SIGTERM, SIGINT or SIGUSR1 sent to this process becomes one SIGTERM to the training processes
+   (they finish the step, checkpoint and exit 75). A second SIGINT is sent on as SIGINT (twice: the trainer
+   aborts at once on its second SIGINT); a third kills the group. The agent is told to handle SIGUSR1 like
+   SIGTERM (PET_SIGNALS_TO_HANDLE), for when a scheduler signals every process of the job step.
 3. The exit code: Accelerate turns every failing worker into exit 1. Here the code comes from the run
    directory's status.json when this attempt wrote it (0 completed, 75 interrupted after a checkpoint,
    1 failed, 2 bad input), else from the child; our one-line reason is printed LAST so users find it.
@@ -55,31 +56,57 @@ def _option(opts: list[str], name: str) -> str | None:
     return value
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc); [] where /proc cannot tell."""
+    kids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:  # after "pid (comm) state": ppid
+            kids.append(int(d.name))
+    return kids
+
+
 class Forwarder:
-    """Signal handlers that pass stop requests on to the child's process group."""
+    """Signal handlers that pass stop requests on to the training processes.
+
+    The first stop request becomes one SIGTERM to the workers (the agent's children), not to the agent nor
+    to the workers' own children (DataLoader workers would die of it): the agent dies of a second signal
+    while it waits for its workers, and under Slurm it may already have got one (a step signal reaches
+    every process of the step). Later SIGTERM/SIGUSR1 are not passed on: a worker that has left its
+    training loop (writing status.json) would die of them. Before the workers exist, the whole group gets
+    SIGTERM: nothing to save yet."""
 
     def __init__(self, child: subprocess.Popen[bytes]):
         self.child, self.sigints, self.resend_at = child, 0, 0.0
         self.received: str | None = None
 
-    def _kill(self, sig: int) -> None:
+    def _kill(self, sig: int, workers_only: bool = True) -> None:
         try:
-            os.killpg(self.child.pid, sig)
+            pids = _children(self.child.pid) if workers_only else []
+            for pid in pids:
+                os.kill(pid, sig)
+            if not pids:
+                os.killpg(self.child.pid, sig)
         except ProcessLookupError:
             pass
 
     def handler(self, signum: int, frame: Any) -> None:
+        first = self.received is None
         self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:
             self.sigints += 1
-            if self.sigints == 2:  # the user insists: abort without a checkpoint
+            if self.sigints == 2:  # the user insists: abort without a checkpoint (the trainer's 2nd SIGINT)
                 self._kill(signal.SIGINT)
                 self.resend_at = time.monotonic() + 0.3
                 return
             if self.sigints > 2:
-                self._kill(signal.SIGKILL)
+                self._kill(signal.SIGKILL, workers_only=False)
                 return
-        self._kill(signal.SIGTERM)
+        if first:
+            self._kill(signal.SIGTERM)
 
     def wait(self) -> int:
         """Wait for the child; returns its exit code (128+N when killed by signal N)."""
@@ -91,7 +118,6 @@ class Forwarder:
                 if self.resend_at and time.monotonic() >= self.resend_at:
                     self.resend_at = 0.0
                     self._kill(signal.SIGINT)
-
 
 def read_status(path: Path, since: float, wait_s: float = 0.0) -> dict[str, Any] | None:
     """status.json if written at or after `since` (this attempt), polling up to wait_s seconds for it."""
@@ -108,13 +134,21 @@ def read_status(path: Path, since: float, wait_s: float = 0.0) -> dict[str, Any]
         time.sleep(0.2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    acc_opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+def check(flags: list[str]) -> int:
+    """Validate disttrain.train flags only: 0, or 2 after printing the one-line error (slurm/train.sh)."""
     try:
-        cfg = parse_config(flags, prog=PROG)
+        parse_config(flags, prog=PROG)
     except UsageError as e:
         print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    acc_opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+    if check(flags):
+        return EXIT_USAGE
+    cfg = parse_config(flags, prog=PROG)
     if cfg.output_dir is None:  # one name for every node (each would otherwise stamp its own time)
         cfg.output_dir = default_output_dir(cfg)
         flags = [*flags, "--output-dir", cfg.output_dir]
@@ -122,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *acc_opts, "-m", "disttrain.train", *flags]
     start = time.time() - 1.0  # status.json "time" is a wall clock written by another process
     old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    child = subprocess.Popen(cmd, start_new_session=True)  # own group: only we decide what it receives
+    env = dict(os.environ)
+    env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")  # torchrun --signals_to_handle
+    child = subprocess.Popen(cmd, start_new_session=True, env=env)  # own session: we decide what it receives
     fwd = Forwarder(child)
     for s in STOP_SIGNALS:
         signal.signal(s, fwd.handler)
@@ -131,9 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    # Machines other than the first: the main rank writes status.json on another node, maybe a moment later.
-    machine_rank = _option(acc_opts, "--machine_rank") or "0"
-    status = None if cfg.dry_run else read_status(status_file, start, 5.0 if rc and machine_rank != "0" else 0.0)
+    # After a stop request, or on machines other than the first, the main rank (maybe on another node)
+    # may write status.json a moment after our child ended: give it a few seconds.
+    expect = rc != 0 and (fwd.received is not None or (_option(acc_opts, "--machine_rank") or "0") != "0")
+    status = None if cfg.dry_run else read_status(status_file, start, 5.0 if expect else 0.0)
     if status is not None and isinstance(status.get("exit_code"), int):
         code, state, reason = status["exit_code"], status.get("state", "?"), status.get("reason") or ""
         where = f" at step {status['step']}" if "step" in status else ""
