@@ -129,3 +129,28 @@ def test_bf16_really_autocasts_on_cpu():
     model(torch.randn(3, 4))
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in acc.unwrap_model(model).parameters())  # weights stay fp32
+
+
+def test_precision_from_launch_config_unless_the_flag_overrides(monkeypatch):
+    from disttrain.distributed import resolve_precision
+    from disttrain.errors import UsageError
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` exports from its config
+    assert resolve_precision(Config()) == "bf16"
+    assert resolve_precision(Config(mixed_precision="no")) == "no"
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        with pytest.raises(UsageError, match="fp16 needs a GPU"):
+            resolve_precision(Config())
+
+
+@cuda_only
+def test_fp16_uses_a_grad_scaler_on_gpu(tmp_path):
+    from disttrain.train import main
+
+    out = tmp_path / "r"
+    assert main(["--dataset", "synthetic_classification", "--model", "mlp", "--epochs", "1", "--mixed-precision",
+                 "fp16", "--output-dir", str(out)]) == 0
+    step = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert (step / "scaler.json").is_file()
+    assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())
