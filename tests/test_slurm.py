@@ -172,3 +172,23 @@ def test_bad_flag_fails_once_without_requeue(cluster, tmp_path):
     assert log.count(" attempt ") == 1 and "SLURM_RESTART_COUNT=0" in log
     assert "requeueing" not in log and "bad input (exit 2): not requeued" in log
     assert not subprocess.run(["squeue", "-h", "-j", jid], capture_output=True, text=True).stdout.strip()
+
+
+@marks
+def test_scancel_checkpoints_without_requeue(cluster, tmp_path):
+    """SIGTERM (scancel, preemption): the training checkpoints and exits 75; the job does not requeue itself."""
+    code, jid = sbatch(tmp_path, "-N", "2", str(TRAIN_SH), *FLAGS, wait=False)
+    run = tmp_path / "runs" / f"disttrain-{jid}"
+    deadline = time.monotonic() + 180
+    while not ((run / "metrics.jsonl").exists() and '"kind": "step"' in (run / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline, "training never got going"
+        time.sleep(0.1)
+    subprocess.run(["scancel", jid], check=True)
+    wait_gone(jid, 120)
+    log = log_of(tmp_path, jid)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["exit_code"] == 75, log[-4000:]
+    assert (run / "checkpoints" / f"step_{status['step']:08d}").is_dir()
+    assert "requeueing" not in log and "attempt 2" not in log and not (run / "model.safetensors").exists()
+    job = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True).stdout
+    assert "JobState=CANCELLED" in job and "Restarts=0" in job
