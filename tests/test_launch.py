@@ -120,3 +120,24 @@ def test_sigterm_checkpoints_exit_75_then_resume(tmp_path):
     kinds = [json.loads(ln)["kind"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("resume") == 1 and kinds[-1] == "epoch"
     assert (out / "model.safetensors").is_file()
+
+
+def test_forwarder_passes_one_stop_then_escalates_sigint(monkeypatch):
+    """First stop request: one SIGTERM to the workers; repeats are dropped; 2nd SIGINT -> SIGINT; 3rd -> kill."""
+    sent: list[tuple[str, int, int]] = []
+    monkeypatch.setattr(launch, "_children", lambda pid: [101, 102])
+    monkeypatch.setattr(launch.os, "kill", lambda pid, sig: sent.append(("kill", pid, sig)))
+    monkeypatch.setattr(launch.os, "killpg", lambda pgid, sig: sent.append(("killpg", pgid, sig)))
+    fwd = launch.Forwarder()
+    fwd.child = type("C", (), {"pid": 100})()
+    fwd.handler(signal.SIGUSR1, None)
+    assert sent == [("kill", 101, signal.SIGTERM), ("kill", 102, signal.SIGTERM)] and fwd.received == "SIGUSR1"
+    sent.clear()
+    fwd.handler(signal.SIGTERM, None)
+    fwd.handler(signal.SIGINT, None)  # the first SIGINT after a stop request: nothing new to say
+    assert sent == []
+    fwd.handler(signal.SIGINT, None)
+    assert sent == [("kill", 101, signal.SIGINT), ("kill", 102, signal.SIGINT)] and fwd.resend_at > 0
+    sent.clear()
+    fwd.handler(signal.SIGINT, None)
+    assert sent == [("killpg", 100, signal.SIGKILL)]

@@ -79,11 +79,19 @@ class Forwarder:
     training loop (writing status.json) would die of them. Before the workers exist, the whole group gets
     SIGTERM: nothing to save yet."""
 
-    def __init__(self, child: subprocess.Popen[bytes]):
-        self.child, self.sigints, self.resend_at = child, 0, 0.0
+    def __init__(self) -> None:
+        self.child: subprocess.Popen[bytes] | None = None  # set right after the start: a signal before it
+        self.sigints, self.resend_at = 0, 0.0             # is only recorded, then sent on by start()
         self.received: str | None = None
 
+    def start(self, cmd: list[str], env: dict[str, str]) -> None:
+        self.child = subprocess.Popen(cmd, start_new_session=True, env=env)  # own session: we choose its signals
+        if self.received is not None:
+            self._kill(signal.SIGTERM, workers_only=False)
+
     def _kill(self, sig: int, workers_only: bool = True) -> None:
+        if self.child is None:
+            return
         try:
             pids = _children(self.child.pid) if workers_only else []
             for pid in pids:
@@ -110,6 +118,7 @@ class Forwarder:
 
     def wait(self) -> int:
         """Wait for the child; returns its exit code (128+N when killed by signal N)."""
+        assert self.child is not None
         while True:
             try:
                 rc = self.child.wait(timeout=0.1)
@@ -158,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     env = dict(os.environ)
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")  # torchrun --signals_to_handle
-    child = subprocess.Popen(cmd, start_new_session=True, env=env)  # own session: we decide what it receives
-    fwd = Forwarder(child)
+    fwd = Forwarder()
     for s in STOP_SIGNALS:
         signal.signal(s, fwd.handler)
     try:
+        fwd.start(cmd, env)
         rc = fwd.wait()
     finally:
         for s, h in old.items():
