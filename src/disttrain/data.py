@@ -357,6 +357,7 @@ class Data:
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
                 generator=torch.Generator(),  # its own generator: iterators must not draw from the global RNG
+                worker_init_fn=_ignore_stop_signals,
             )
         self._batches.batches = [b.tolist() for b in flat]
         for x, y in self._loader:
@@ -375,6 +376,15 @@ class Data:
                 x = torch.stack([torch.as_tensor(a) for a, _ in items])
                 y = torch.stack([torch.as_tensor(b) for _, b in items])
                 yield self.prepare(x), y.to(self.device)
+
+
+def _ignore_stop_signals(_: int) -> None:
+    """Loader workers leave stop signals to the trainer (Slurm may signal every process of a step);
+    they still exit with it, since the DataLoader watches its parent."""
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
 
 
 class _BatchList:

@@ -59,6 +59,12 @@ def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None 
     return acc
 
 
+def say(acc: Any, *args: Any) -> None:
+    """print() on the global main process only (Accelerate's print is once per node)."""
+    if acc.is_main_process:
+        print(*args, flush=True)
+
+
 def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
     machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "0")) or 0) or \
         max(1, acc.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from disttrain import checkpoint as ckpt
+from disttrain.distributed import say
 from disttrain.metrics import read_metrics
 
 # metrics where larger is better; every other numeric epoch metric is "lower is better" (losses)
@@ -175,5 +176,5 @@ def write_summary(r: Any) -> dict[str, Any] | None:
         return None
     s = build_summary(r, hosts)
     ckpt.write_json(r.rundir.summary, s)
-    r.acc.print(format_summary(s) + f"\n  written to {r.rundir.summary}")
+    say(r.acc, format_summary(s) + f"\n  written to {r.rundir.summary}")
     return s

@@ -23,7 +23,7 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, DataSpec, load_data
-from disttrain.distributed import (StopSignal, Sync, is_launched, make_accelerator, resolve_precision,
+from disttrain.distributed import (StopSignal, Sync, is_launched, make_accelerator, resolve_precision, say,
                                    set_threads, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
@@ -190,7 +190,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
-    r.acc.print(epoch_line(rec, cfg.epochs))
+    say(r.acc, epoch_line(rec, cfg.epochs))
     if pos.window >= r.data.steps_per_epoch():  # a run cut short by --max-steps stays inside its epoch,
         pos.epoch, pos.window = pos.epoch + 1, 0  # so a resume with a longer run continues it
         pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
@@ -217,7 +217,7 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
-        r.acc.print(step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
+        say(r.acc, step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
                               rec["lr"], rec["samples_per_sec"], wait))
 
 
@@ -227,7 +227,7 @@ def _skip_nonfinite(r: Run, window_loss: torch.Tensor) -> bool:
         return False
     r.optimizer.zero_grad(set_to_none=True)
     r.pos.nonfinite_skips += 1
-    r.acc.print(f"disttrain: warning: non-finite loss at step {r.pos.step + 1}, update skipped "
+    say(r.acc, f"disttrain: warning: non-finite loss at step {r.pos.step + 1}, update skipped "
                 f"({r.pos.nonfinite_skips}/{r.cfg.max_nonfinite_skips})")
     if r.pos.nonfinite_skips >= r.cfg.max_nonfinite_skips:
         raise TrainingError(f"non-finite loss: {r.pos.nonfinite_skips} steps skipped, giving up at step "
@@ -373,11 +373,11 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     scheduler = build_scheduler(cfg, optimizer, total)
-    acc.print(topology(acc, cfg, data.steps_per_epoch(), threads))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
-        acc.print(f"dry run: {cfg.model} with {num_parameters(model):,} parameters, {len(data.train)} training "
+        say(acc, f"dry run: {cfg.model} with {num_parameters(model):,} parameters, {len(data.train)} training "
                   f"samples, {total} optimizer steps ({data.steps_per_epoch()}/epoch, {cfg.epochs} epochs), "
                   f"loss {name}, output dir {rundir.path} (nothing written)")
         return None
@@ -406,7 +406,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
     if saved is not None:
         metrics.write({"kind": "resume", "step": pos.step, "checkpoint": str(source)})
-        acc.print(f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
+        say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
                total, meta)
 
@@ -425,7 +425,7 @@ def _restore(saved: dict[str, Any], cfg: Config, acc: Any, model: Any, optimizer
     if state["world_size"] == acc.num_processes:
         ckpt.set_rng_state({k: rng[f"rank{acc.process_index}.{k}"] for k in ckpt.RNG_PARTS})
     else:  # other world size: per-rank streams cannot carry over; derive fresh ones
-        acc.print(f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
+        say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
                   "per-rank RNG streams (dropout) restart from the seed")
         torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
     return pos
@@ -471,7 +471,7 @@ def finish(r: Run) -> None:
     model = r.acc.unwrap_model(r.model)
     if r.acc.is_main_process:
         ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
-        r.acc.print(f"done: {r.pos.step} steps, model in {r.rundir.model}")
+        say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
     write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()
 
@@ -495,10 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         r = setup(cfg, stop)
         if r is None:
             return EXIT_OK
-        with stop:
+        with stop:  # also around the export: a late signal must not kill the run before status.json
             train(r)
-        finish(r)
-        _write_status(r, "completed", EXIT_OK, "")
+            finish(r)
+            _write_status(r, "completed", EXIT_OK, "")
         return EXIT_OK
     except UsageError as e:
         if rank == 0 or not is_launched():
