@@ -67,19 +67,27 @@ class RunDir:
     def has_history(self) -> bool:
         return self.metrics.exists() or bool(self.step_dirs()) or self.model.exists()
 
-    def lock(self) -> None:
+    def lock(self, wait_s: float = 5.0) -> None:
         """Hold an exclusive flock for the life of this process. The kernel drops it when the process dies
-        (even by kill -9), so a stale lock is simply taken over."""
+        (even by kill -9), so a stale lock is simply taken over. Waits a few seconds first: workers orphaned
+        by a killed launcher need up to a second to notice (distributed.start_parent_watchdog)."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                os.close(fd)
                 raise UsageError(f"--output-dir {self.path}: another live run holds it ({holder or 'unknown'})") from None
-            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
