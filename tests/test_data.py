@@ -110,3 +110,8 @@ def test_global_batch_is_world_size_independent():
         assert sorted(batch) == sorted(two[0][k] + two[1][k])
     assert order(96, 1, 32, epoch=2) != order(96, 1, 32, epoch=1)  # reshuffled each epoch
     assert order(96, 1, 32, epoch=1, seed=5) != order(96, 1, 32, epoch=1)
+
+
+def test_augment_is_refused_where_it_cannot_apply():
+    with pytest.raises(UsageError, match="--augment flip applies to in-memory image datasets"):
+        load_data(Config(dataset="synthetic_classification", augment="flip"), FakeAcc())

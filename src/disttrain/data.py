@@ -473,6 +473,9 @@ def load_data(cfg: Config, accelerator: Any) -> Data:
         spec = DataSpec(task, list(x0.shape), n_out, tshape)
         if task == "classification" and n_out < 2:
             raise UsageError(f"--dataset {name}: classification targets need at least 2 classes, got {n_out}")
+    if cfg.augment != "none" and not (isinstance(train, ArrayDataset) and len(spec.input_shape) == 3):
+        raise UsageError(f"--augment {cfg.augment} applies to in-memory image datasets (built-in, or a plug-in "
+                         f"returning a TensorDataset of [N, C, H, W] images); --dataset {name} is not one")
     train, val = _split_val(train, cfg.val_fraction, cfg.seed)
     if test is not None and len(test) == 0:
         test = None

@@ -31,18 +31,21 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
 
 
 def cnn(input_shape: list[int], num_outputs: int, width: int = 32, dropout: float = 0.0,
-        double: bool = False) -> nn.Module:
+        double: bool = False, hidden: int = 0) -> nn.Module:
     """Two conv+BN+pool stages and a linear head: a small net that does well on 28x28 images.
 
-    `double` puts two convs in each stage (slower, a little more accurate).
+    `double` puts two convs in each stage (slower, a little more accurate); `hidden` > 0 adds a hidden
+    fully-connected layer to the head (cheap capacity).
     """
     _require_image(input_shape, "cnn")
     c, h, w = input_shape
     a, b = width, 2 * width
     s1 = _conv_bn(c, a) + (_conv_bn(a, a) if double else [])
     s2 = _conv_bn(a, b) + (_conv_bn(b, b) if double else [])
-    return nn.Sequential(*s1, nn.MaxPool2d(2), *s2, nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout),
-                         nn.Linear(b * (h // 4) * (w // 4), num_outputs))
+    flat = b * (h // 4) * (w // 4)
+    head: list[nn.Module] = [nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)] if hidden else []
+    return nn.Sequential(*s1, nn.MaxPool2d(2), *s2, nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout), *head,
+                         nn.Linear(hidden or flat, num_outputs))
 
 
 def lenet(input_shape: list[int], num_outputs: int) -> nn.Module:
