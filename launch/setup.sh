@@ -23,4 +23,12 @@ if [ "$want_data" = 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images
     echo "setup: Fashion-MNIST not found locally; disttrain will try to download it into ./data"
   fi
 fi
+# The test suite also lints the Slurm scripts (shellcheck) and brings up a local Slurm (its fixture installs
+# slurmctld/slurmd/munge itself); both need root on Debian, as in CI.
+if [ "${1:-}" = "--test" ] && ! command -v shellcheck >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends shellcheck >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends shellcheck >/dev/null; } \
+    || echo "setup: could not install shellcheck; the lint test will say so"
+fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__)'))"
