@@ -128,9 +128,12 @@ def test_two_nodes_train_like_two_local_processes(cluster, reference, tmp_path):
     log = log_of(tmp_path, jid)
     assert code == 0, log[-4000:]
     # one srun task per node (srun --label: "0:" is machine rank 0 on n1, "1:" machine rank 1 on n2)
-    assert "0: topology: 2 process(es) on 2 machine(s)" in log and "1: topology: 2 process(es) on 2 machine(s)" in log
+    assert "0: topology: 2 process(es) on 2 machine(s)" in log  # printed once, by the main process
+    assert "1: topology" not in log
     run = tmp_path / "runs" / f"disttrain-{jid}"  # the default run directory
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    prov = json.loads((run / "summary.json").read_text())["provenance"]
+    assert prov["world_size"] == 2 and prov["hosts"] == ["n1", "n2"]  # machine rank 1 on the second node
     epochs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [STEPS]
     # the same weights, bit for bit, as 2 local processes: every sample seen once, in the same shards

@@ -69,15 +69,32 @@ class RunDir:
 
     def lock(self, wait_s: float = 5.0) -> None:
         """Hold an exclusive flock for the life of this process. The kernel drops it when the process dies
-        (even by kill -9), so a stale lock is simply taken over. Waits a few seconds first: workers orphaned
-        by a killed launcher need up to a second to notice (distributed.start_parent_watchdog)."""
+        (even by kill -9), so a stale lock is simply taken over."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._flock(fd, fcntl.LOCK_EX, wait_s)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def wait_unlocked(self, wait_s: float = 5.0) -> None:
+        """Wait, writing nothing, until no live run holds the directory. Needed before reading checkpoints:
+        workers orphaned by a killed launcher may still be saving for up to a second
+        (distributed.start_parent_watchdog), and a resume must not read a checkpoint they are pruning."""
+        if not (self.path / ".lock").is_file():
+            return
+        fd = os.open(self.path / ".lock", os.O_RDONLY)
+        self._flock(fd, fcntl.LOCK_SH, wait_s)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    def _flock(self, fd: int, op: int, wait_s: float) -> None:
+        """flock(fd, op), retrying for wait_s seconds; UsageError naming the holder if it stays taken."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                fcntl.flock(fd, op | fcntl.LOCK_NB)
+                return
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     os.close(fd)
@@ -88,9 +105,6 @@ class RunDir:
                 holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
                 os.close(fd)
                 raise UsageError(f"--output-dir {self.path}: another live run holds it ({holder or 'unknown'})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._lock_fd = fd
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

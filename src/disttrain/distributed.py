@@ -137,6 +137,10 @@ def start_parent_watchdog(interval: float = 1.0) -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_RANK" not in os.environ:
         return
     parent = os.getppid()
+    if parent == 1:  # the launcher died before we got here (we were re-parented to init)
+        sys.stderr.write(f"disttrain: launcher died before worker {os.getpid()} started; exiting\n")
+        sys.stderr.flush()
+        os._exit(1)
 
     def watch() -> None:
         while True:

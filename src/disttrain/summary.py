@@ -52,8 +52,8 @@ def _version(module: str) -> str | None:
 
 
 def gather_hosts(acc: Any) -> list[str]:
-    """Host name of every rank, in rank order (a collective when several processes run)."""
-    me = socket.gethostname()
+    """Host (Slurm node name when there is one) of every rank, in rank order (a collective on several)."""
+    me = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     if acc.num_processes == 1:
         return [me]
     import torch.distributed as dist

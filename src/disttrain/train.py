@@ -348,6 +348,9 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     if cfg.output_dir is None:  # one timestamp for all ranks
         cfg.output_dir = _broadcast_str(acc, default_output_dir(cfg))
     rundir = ckpt.RunDir(cfg.output_dir)
+    if acc.is_main_process:
+        rundir.wait_unlocked()  # a killed run's orphaned workers may still be saving; never read under them
+    acc.wait_for_everyone()
     source = _resume_source(cfg, rundir)
     saved = ckpt.load_checkpoint(source) if source is not None else None
     if saved is not None:
