@@ -34,16 +34,29 @@ def _isolate(monkeypatch, tmp_path_factory):
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+    reset_accelerate()
+
+
+def reset_accelerate() -> None:
+    """Tear down the process group and Accelerate's process-wide singletons, so a later in-process run
+    starts clean."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    try:  # Accelerate keeps process-wide singletons; a later in-process test must start clean
-        from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
-    except Exception:  # noqa: BLE001
-        pass
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def install_plugin(tmp_path: Path, monkeypatch, name: str, source: str):
+    """Write plug-in module `name` into tmp_path/plugins, importable for this test; yields the folder."""
+    d = tmp_path / "plugins"
+    d.mkdir()
+    (d / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(d))
+    yield d
+    sys.modules.pop(name, None)
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -13,14 +13,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 import torch
-from conftest import write_idx
+from conftest import install_plugin, reset_accelerate, write_idx
 
 from disttrain import train
 
@@ -259,24 +258,12 @@ def finished_run(tmp_path_factory) -> Path:
     return out
 
 
-def _reset_accelerate() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+_reset_accelerate = reset_accelerate
 
 
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
-    d = tmp_path / "plugins"
-    d.mkdir()
-    (d / f"{PLUGIN}.py").write_text(PLUGIN_SRC)
-    monkeypatch.syspath_prepend(str(d))
-    yield d
-    sys.modules.pop(PLUGIN, None)
+    yield from install_plugin(tmp_path, monkeypatch, PLUGIN, PLUGIN_SRC)
 
 
 def snapshot(root: Path) -> dict[str, tuple]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, env, train_cmd, write_idx
+from conftest import REPO, env, install_plugin, train_cmd, write_idx
 
 from disttrain import checkpoint as ckpt
 from disttrain import evaluate, train
@@ -64,12 +64,7 @@ def faulty(**kw):
 
 @pytest.fixture
 def plugin_dir(tmp_path, monkeypatch):
-    d = tmp_path / "plugins"
-    d.mkdir()
-    (d / f"{PLUGIN}.py").write_text(PLUGIN_SRC)
-    monkeypatch.syspath_prepend(str(d))
-    yield d
-    sys.modules.pop(PLUGIN, None)
+    yield from install_plugin(tmp_path, monkeypatch, PLUGIN, PLUGIN_SRC)
 
 
 def base(data: Path, out: Path, **model_kwargs) -> list[str]:

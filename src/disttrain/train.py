@@ -10,7 +10,6 @@ resumable (checkpoints, a stop flag agreed by all ranks) and cheap (no host sync
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import torch
 
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
-from disttrain.data import Data, DataSpec, load_data
+from disttrain.data import Data, load_data
 from disttrain.distributed import (StopSignal, Sync, is_launched, make_accelerator, resolve_precision, say,
                                    set_threads, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
