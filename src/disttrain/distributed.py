@@ -83,15 +83,37 @@ class Sync:
     def __init__(self, acc: Any):
         self.n = acc.num_processes
         self.group = None
+        self._pending: tuple[Any, torch.Tensor] | None = None  # poll() in flight
         if self.n > 1 and acc.device.type != "cpu":
             self.group = torch.distributed.new_group(backend="gloo")
 
     def any(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any rank (blocking)."""
         if self.n == 1:
             return flag
         t = torch.tensor([int(flag)], dtype=torch.int32)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(t.item())
+
+    def poll(self, flag: bool) -> bool:
+        """Like any(), pipelined: start this poll's all-reduce and return the previous poll's answer, which
+        has long arrived, so no rank waits for the slowest one here. Every rank polls at the same steps and
+        so acts on the same answer at the same step, one poll interval later than a blocking any()."""
+        if self.n == 1:
+            return flag
+        t = torch.tensor([int(flag)], dtype=torch.int32)
+        work = torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
+        prev, self._pending = self._pending, (work, t)
+        if prev is None or not (prev[0].wait() and bool(prev[1].item())):
+            return False
+        self.drain()
+        return True
+
+    def drain(self) -> None:
+        """Wait for a poll still in flight (before anything that ends the process group)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 class StopSignal:

@@ -57,7 +57,10 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.momentum:
         raise UsageError(f"--momentum {cfg.momentum} applies to --optimizer sgd only, got {cfg.optimizer}")
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the fused kernel (one pass over each parameter) is ~5-10% of a cnn step faster on CPU than foreach
+    # (docs/performance.md); it takes float parameters on CPU or CUDA only
+    fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:

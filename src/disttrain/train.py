@@ -155,9 +155,10 @@ def train(r: Run) -> None:
             # --- bookkeeping at step boundaries: logs, agreed stop, periodic checkpoints
             if pos.step % cfg.log_every == 0:
                 _log_step(r, meter, steps_per_epoch)
-            # agreed stop: every step on one process; across processes every STOP_EVERY steps (a gloo round
-            # trip each), so all ranks stop after the same step, at most STOP_EVERY - 1 steps later
-            if (r.sync.n == 1 or pos.step % STOP_EVERY == 0) and r.sync.any(r.stop.received is not None):
+            # agreed stop: every step on one process; across processes a pipelined poll every STOP_EVERY
+            # steps (never waits on a gloo round trip), so all ranks stop after the same step, at most
+            # 2 * STOP_EVERY - 1 steps after the signal
+            if (r.sync.n == 1 or pos.step % STOP_EVERY == 0) and r.sync.poll(r.stop.received is not None):
                 _save(r, meter)
                 raise Interrupted(r.stop.received or "a signal on another rank")
             last = pos.window == steps_per_epoch or pos.step >= r.total_steps
@@ -169,6 +170,7 @@ def train(r: Run) -> None:
             bar.close()
         pos.epoch_train_s += time.perf_counter() - t_epoch - r.save_s
         _end_epoch(r, meter)
+    r.sync.drain()
 
 
 def _end_epoch(r: Run, meter: Meter) -> None:
