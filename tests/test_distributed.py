@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +40,7 @@ def test_each_sample_once_per_epoch_and_global_batches_match(tmp_path, launcher)
     args = ["--epochs", "2", "--batch-size", "16", "--dataset-kwargs", '{"n_train": 200}']
     p = launch(train_cmd(2, launcher), args, tmp_path / "two", DISTTRAIN_TEST_RECORD=str(rec2))
     assert "topology: 2 process(es)" in p.stdout and "backend gloo" in p.stdout
+    assert "gradients averaged by shared memory" in p.stdout  # one machine: not gloo's TCP round trips
     assert p.stdout.count("topology:") == 1  # printed by the main process only
     r0, r1 = recorded(rec2, 0), recorded(rec2, 1)
     per_epoch = 7  # ceil(100 / 16) micro-batches per rank
@@ -57,11 +59,15 @@ def test_three_way_equivalence_lr_and_exact_eval(tmp_path):
     """1 x 32 == 2 x 16 == 1 x 16 x grad-accum 2 (no batch norm, momentum, shuffling, a partial last window)."""
     common = ["--epochs", "3", "--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.9", "--scheduler", "cosine",
               "--warmup-steps", "5", "--dataset-kwargs", '{"n_train": 1000, "n_eval": 51}']
-    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a, b, c, g = tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "g"
+    shm_before = set(Path("/dev/shm").glob("disttrain-grads-*"))
     launch([PY, "-m", "disttrain.train"], common + ["--batch-size", "32"], a)
     launch(train_cmd(2, "accelerate"), common + ["--batch-size", "16"], b)
     launch([PY, "-m", "disttrain.train"], common + ["--batch-size", "16", "--grad-accum", "2"], c)
-    wa, wb, wc = (load_file(str(d / "model.safetensors")) for d in (a, b, c))
+    launch(train_cmd(2, "accelerate"), common + ["--batch-size", "16", "--no-shm-allreduce"], g)
+    wa, wb, wc, wg = (load_file(str(d / "model.safetensors")) for d in (a, b, c, g))
+    assert all(torch.equal(wb[k], wg[k]) for k in wb)  # shared-memory averaging is bitwise gloo's, 2 ranks
+    assert set(Path("/dev/shm").glob("disttrain-grads-*")) == shm_before  # the mapping is unlinked at start
     diff_ab = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     diff_ac = max((wa[k] - wc[k]).abs().max().item() for k in wa)
     print(f"max abs diff: 1x32 vs 2x16 {diff_ab:.3g}, 1x32 vs 1x16x2 {diff_ac:.3g}")

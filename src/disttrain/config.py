@@ -38,6 +38,7 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
+    "shm_allreduce",
 })
 
 
@@ -107,6 +108,8 @@ class Config:
     on_nonfinite: str = _f("stop", "stop, or skip steps with a non-finite loss", choices=ON_NONFINITE)
     max_nonfinite_skips: int = _f(10, "with --on-nonfinite skip: give up after this many skips")
     dist_timeout: int = _f(600, "seconds a collective may wait before the process group gives up")
+    shm_allreduce: bool = _f(True, "average gradients through shared memory when all CPU processes share "
+                                   "one machine (else gloo)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

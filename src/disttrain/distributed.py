@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from disttrain import shm_allreduce
 from disttrain.config import Config
 from disttrain.errors import UsageError
 
@@ -59,6 +60,34 @@ def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None 
     return acc
 
 
+def broadcast_str(acc: Any, s: str) -> str:
+    """Rank 0's string (at most 1024 bytes) on every rank."""
+    if acc.num_processes == 1:
+        return s
+    buf = torch.zeros(1024, dtype=torch.uint8, device=acc.device)
+    raw = s.encode()[:1024]
+    buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    torch.distributed.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def gradient_path(cfg: Config, acc: Any) -> str:
+    """How gradients are averaged across processes (the topology line says it)."""
+    if acc.num_processes == 1:
+        return "none"
+    if shm_allreduce.unavailable_reason(acc, cfg.shm_allreduce) is None:
+        return "shared memory"
+    return torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
+
+
+def share_gradients(cfg: Config, acc: Any, model: Any) -> None:
+    """On one machine's CPU processes, make DDP average gradients through shared memory (collective)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and gradient_path(cfg, acc) == "shared memory":
+        shm = shm_allreduce.ShmAllReduce.attach(acc, model.module, cfg.dist_timeout, broadcast_str)
+        # a lambda: DDP checks a hook's annotations at run time, and ours are strings (postponed evaluation)
+        model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
+
+
 def say(acc: Any, *args: Any) -> None:
     """print() on the global main process only (Accelerate's print is once per node)."""
     if acc.is_main_process:
@@ -72,7 +101,8 @@ def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
     gb = cfg.batch_size * acc.num_processes * cfg.grad_accum
     return (f"topology: {acc.num_processes} process(es) on {machines} machine(s), device {acc.device.type}, "
             f"backend {backend}, {threads} thread(s)/process, batch {cfg.batch_size}/process x "
-            f"{acc.num_processes} x grad-accum {cfg.grad_accum} = global batch {gb}, mixed precision "
+            f"{acc.num_processes} x grad-accum {cfg.grad_accum} = global batch {gb}, gradients averaged by "
+            f"{gradient_path(cfg, acc)}, mixed precision "
             f"{acc.mixed_precision}, {steps_per_epoch} steps/epoch")
 
 

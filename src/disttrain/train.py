@@ -22,8 +22,8 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, is_launched, make_accelerator, resolve_precision, say,
-                                   set_threads, shutdown, start_parent_watchdog, topology)
+from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
+                                   say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
@@ -347,7 +347,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
     if cfg.output_dir is None:  # one timestamp for all ranks
-        cfg.output_dir = _broadcast_str(acc, default_output_dir(cfg))
+        cfg.output_dir = broadcast_str(acc, default_output_dir(cfg))
     rundir = ckpt.RunDir(cfg.output_dir)
     if acc.is_main_process:
         rundir.wait_unlocked()  # a killed run's orphaned workers may still be saving; never read under them
@@ -400,6 +400,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)  # NOT the loaders (re-sharding) nor the scheduler
+    share_gradients(cfg, acc, model)  # one machine, CPU: all-reduce through shared memory, not gloo's TCP
     if saved is not None:
         optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
                                                            saved["optimizer.json"]))
@@ -458,16 +459,6 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
     acc.log_with = [TensorBoardTracker("", str(rundir.tensorboard), purge_step=resume_step + 1 if resume_step else None)]
     acc.init_trackers("", config={k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool))})
     return acc
-
-
-def _broadcast_str(acc: Any, s: str) -> str:
-    if acc.num_processes == 1:
-        return s
-    buf = torch.zeros(1024, dtype=torch.uint8, device=acc.device)
-    raw = s.encode()[:1024]
-    buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    torch.distributed.broadcast(buf, src=0)
-    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
 
 
 def finish(r: Run) -> None:
