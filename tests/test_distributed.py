@@ -159,3 +159,19 @@ def test_fp16_uses_a_grad_scaler_on_gpu(tmp_path):
     step = sorted((out / "checkpoints").glob("step_*"))[-1]
     assert (step / "scaler.json").is_file()
     assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())
+
+
+def test_batchnorm_eval_on_two_processes_is_the_checkpoints_eval(tmp_path, fmnist_dir):
+    """Each rank's BN running statistics see only its own batches; evaluation first gives every rank rank 0's
+    (those a checkpoint saves), so the epoch-end eval equals evaluating the saved model."""
+    out, res = tmp_path / "r", tmp_path / "e.json"
+    p = run(train_cmd(2, "accelerate") + ["--data-dir", str(fmnist_dir), "--model-kwargs", '{"width": 4}',
+                                          "--epochs", "1", "--batch-size", "16", "--no-progress", "--overwrite",
+                                          "--output-dir", str(out)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run([PY, "-m", "disttrain.evaluate", "--checkpoint", str(out), "--data-dir", str(fmnist_dir),
+             "--json", str(res)])
+    assert p.returncode == 0, p.stderr[-2000:]
+    ev, last = json.loads(res.read_text()), epochs(out)[-1]
+    assert ev["eval_loss"] == pytest.approx(last["eval_loss"], rel=1e-6)
+    assert ev["eval_accuracy"] == last["eval_accuracy"]

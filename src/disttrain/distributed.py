@@ -46,13 +46,16 @@ def set_threads() -> int:
 def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None = None) -> Any:
     """An Accelerator that is really distributed whenever several processes were launched."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # DISTTRAIN_FORCE_CPU=0 lets Accelerate pick the device itself (the trap the guard below catches; tests)
     cpu = not torch.cuda.is_available() and os.environ.get("DISTTRAIN_FORCE_CPU", "1") != "0"
     log_with = None  # --log-with: train._tracker attaches the tracker once the run directory is known
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
-                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout))])
+                      kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout)),
+                                       # not a broadcast of the BN statistics before every forward (a gloo
+                                       # round trip per step); evaluate() syncs them once, see sync_buffers
+                                       DistributedDataParallelKwargs(broadcast_buffers=False)])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise UsageError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate sees "
@@ -69,6 +72,14 @@ def broadcast_str(acc: Any, s: str) -> str:
     buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
     torch.distributed.broadcast(buf, src=0)
     return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()
+
+
+def sync_buffers(acc: Any, net: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BN running statistics): the ones a checkpoint saves. Training does
+    not read them (BN uses batch statistics), so this is needed only before evaluating."""
+    if acc.num_processes > 1 and torch.distributed.is_initialized():
+        for b in net.buffers():
+            torch.distributed.broadcast(b, src=0)
 
 
 def gradient_path(cfg: Config, acc: Any) -> str:

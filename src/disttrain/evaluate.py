@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from disttrain.distributed import sync_buffers
 from disttrain.errors import EXIT_USAGE, UsageError, one_line
 
 
@@ -21,6 +22,7 @@ def evaluate(model: Any, data: Any, loss_fn: Any, acc: Any, split: str, prefix: 
              confusion: bool = False) -> dict[str, Any]:
     """{prefix}_loss (exact sample mean) and, for classification, {prefix}_accuracy."""
     net = acc.unwrap_model(model)  # no DDP collectives inside: ranks may have different batch counts
+    sync_buffers(acc, net)  # every rank evaluates the model a checkpoint holds (rank 0's BN statistics)
     net.eval()
     classes = data.spec.num_outputs if data.spec.task == "classification" else 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)

@@ -6,7 +6,7 @@ speed of 1 process x 2 threads. Copying a bucket into a shared mapping and summi
 microseconds (docs/performance.md has the numbers).
 
 How: one mapped file per job holds, for each of two alternating rounds, one slot per rank. In round s a
-rank divides its bucket by the world size (as DDP's own all-reduce does), copies it into its slot,
+rank writes its bucket divided by the world size (as DDP's own all-reduce divides) into its slot,
 publishes s in its flag, waits until every peer's flag reaches s, and sums the slots in rank order: the
 same order on every rank, so all ranks keep bitwise identical weights (with two ranks, a + b is also
 bitwise what gloo returns). Two rounds of slots are enough: a rank writes round s + 2 only after every peer
@@ -90,7 +90,6 @@ class ShmAllReduce:
 
     def mean_(self, buf: torch.Tensor) -> torch.Tensor:
         """Average a contiguous tensor over the ranks, in place."""
-        buf.div_(self.world)
         flat = buf.view(-1)
         chunk = self.slot_bytes // buf.element_size()
         for start in range(0, flat.numel(), chunk):
@@ -101,7 +100,7 @@ class ShmAllReduce:
         self.round += 1
         k = part.numel()
         slots = self.slots[self.round & 1].view(part.dtype)[:, :k]
-        slots[self.rank].copy_(part)
+        torch.div(part, self.world, out=slots[self.rank])  # divide and publish in one pass
         self.flags[self.rank * FLAG_STRIDE] = self.round  # after the copy: x86 publishes stores in order
         for r in range(self.world):
             if r != self.rank:
