@@ -7,6 +7,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -228,15 +229,17 @@ def test_export_loads_with_plain_safetensors(tmp_path):
 # --------------------------------------------------------------------------- kill -9 at random moments
 
 
-def kill_loop(command: list[str], out, seed: int, kills: int, lo: float, hi: float) -> int:
-    """Start, SIGKILL the whole process group after a random delay, restart with --resume auto; repeat."""
+def kill_loop(command: list[str], out, seed: int, kills: int, lo: float, hi: float, whole_s: float) -> int:
+    """Start, SIGKILL the whole process group after a random delay, restart with --resume auto; repeat.
+    The delays are drawn between lo and hi times `whole_s`, the uninterrupted run's wall time, so the kills
+    land inside the run (start-up included) on a fast machine as on a slow one."""
     rng = random.Random(seed)
     killed = 0
     for _ in range(kills):
         p = subprocess.Popen(command + ["--resume", "auto"], env=env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            p.wait(timeout=rng.uniform(lo, hi))
+            p.wait(timeout=rng.uniform(lo, hi) * whole_s)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
@@ -255,8 +258,10 @@ LONG = ["--dataset", "plugins_for_tests:indexed_data", "--model", "plugins_for_t
 def test_kill_dash_nine_loop_one_process(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = [PY, "-m", "disttrain.train", *LONG]
+    t = time.monotonic()
     assert run(base + ["--output-dir", str(ref)]).returncode == 0
-    killed = kill_loop(base + ["--output-dir", str(out)], out, seed=1, kills=4, lo=3.0, hi=9.0)
+    killed = kill_loop(base + ["--output-dir", str(out)], out, seed=1, kills=4, lo=0.3, hi=0.9,
+                       whole_s=time.monotonic() - t)
     assert killed >= 2
     assert bitwise_equal(weights(out), weights(ref))
     steps = [r["step"] for r in records(out) if r["kind"] != "resume"]
@@ -267,8 +272,10 @@ def test_kill_dash_nine_loop_one_process(tmp_path):
 def test_kill_dash_nine_loop_two_processes(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = train_cmd(2, "accelerate") + LONG
+    t = time.monotonic()
     assert run(base + ["--output-dir", str(ref)]).returncode == 0
-    killed = kill_loop(base + ["--output-dir", str(out)], out, seed=2, kills=3, lo=5.0, hi=12.0)
+    killed = kill_loop(base + ["--output-dir", str(out)], out, seed=2, kills=3, lo=0.3, hi=0.9,
+                       whole_s=time.monotonic() - t)
     assert killed >= 1
     assert bitwise_equal(weights(out), weights(ref))
 
