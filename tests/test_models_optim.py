@@ -22,6 +22,49 @@ def test_builtin_models_fit_the_data(name, shape):
     assert model(torch.zeros(2, *shape)).shape == (2, 10)
 
 
+def _textbook_cnn(width: int, double: bool, hidden: int) -> torch.nn.Module:
+    """The cnn in the usual order: conv-BN-ReLU ... then max-pool."""
+    nn = torch.nn
+
+    def cb(i, o):
+        return [nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True)]
+
+    a, b = width, 2 * width
+    s1, s2 = cb(1, a) + (cb(a, a) if double else []), cb(a, b) + (cb(b, b) if double else [])
+    head = [nn.Linear(b * 49, hidden), nn.ReLU(inplace=True), nn.Dropout(0.0)] if hidden else []
+    return nn.Sequential(*s1, nn.MaxPool2d(2), *s2, nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.0), *head,
+                         nn.Linear(hidden or b * 49, 10))
+
+
+@pytest.mark.parametrize("kw,bf16", [({"width": 8}, False), ({"width": 4, "double": True, "hidden": 16}, True)])
+def test_cnn_pools_before_its_last_relu_and_is_bitwise_the_textbook_net(kw, bf16):
+    """Moving each stage's last ReLU after the max-pool (4x fewer ReLU elements) changes nothing: same
+    parameter names (old checkpoints load), same outputs and gradients, bitwise, over several Adam steps."""
+    spec = DataSpec("classification", [1, 28, 28], 10)
+    torch.manual_seed(0)
+    ours = build_model("cnn", kw, spec).to(memory_format=torch.channels_last)
+    ref = _textbook_cnn(kw["width"], kw.get("double", False), kw.get("hidden", 0)).to(memory_format=torch.channels_last)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, ref)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(16, 1, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (16,), generator=g)
+        outs = []
+        for m, opt in zip((ours, ref), opts):
+            opt.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                out = m(x)
+            torch.nn.functional.cross_entropy(out.float(), y).backward()
+            opt.step()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1])
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert isinstance(ours[2], torch.nn.MaxPool2d) or isinstance(ours[5], torch.nn.MaxPool2d)
+
+
 def test_vector_models_and_image_only_models():
     spec = DataSpec("regression", [5], 1)
     assert build_model("mlp", {"hidden": 7}, spec)(torch.zeros(3, 5)).shape == (3, 1)

@@ -30,6 +30,15 @@ def _conv_bn(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+def _stage(cin: int, cout: int, double: bool) -> list[nn.Module]:
+    """conv-BN-ReLU (twice if `double`), then a 2x2 max-pool, with the last ReLU moved after the pool: max and
+    ReLU commute (both only pick values), so it is the same function with bitwise the same gradients, and
+    the ReLU runs on a quarter of the elements (cnn step 1.14x faster in fp32, the recipe's 1.23x in bf16).
+    Parameter names are those of the textbook order (the ReLU and pool have none)."""
+    layers = _conv_bn(cin, cout) + (_conv_bn(cout, cout) if double else [])
+    return layers[:-1] + [nn.MaxPool2d(2), layers[-1]]
+
+
 def cnn(input_shape: list[int], num_outputs: int, width: int = 32, dropout: float = 0.0,
         double: bool = False, hidden: int = 0) -> nn.Module:
     """Two conv+BN+pool stages and a linear head: a small net that does well on 28x28 images.
@@ -40,11 +49,9 @@ def cnn(input_shape: list[int], num_outputs: int, width: int = 32, dropout: floa
     _require_image(input_shape, "cnn")
     c, h, w = input_shape
     a, b = width, 2 * width
-    s1 = _conv_bn(c, a) + (_conv_bn(a, a) if double else [])
-    s2 = _conv_bn(a, b) + (_conv_bn(b, b) if double else [])
     flat = b * (h // 4) * (w // 4)
     head: list[nn.Module] = [nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)] if hidden else []
-    return nn.Sequential(*s1, nn.MaxPool2d(2), *s2, nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(dropout), *head,
+    return nn.Sequential(*_stage(c, a, double), *_stage(a, b, double), nn.Flatten(), nn.Dropout(dropout), *head,
                          nn.Linear(hidden or flat, num_outputs))
 
 
