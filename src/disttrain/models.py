@@ -49,10 +49,10 @@ def cnn(input_shape: list[int], num_outputs: int, width: int = 32, dropout: floa
     _require_image(input_shape, "cnn")
     c, h, w = input_shape
     a, b = width, 2 * width
+    s1, s2 = _stage(c, a, double), _stage(a, b, double)  # (in this order: the initial weights draw from the RNG)
     flat = b * (h // 4) * (w // 4)
     head: list[nn.Module] = [nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)] if hidden else []
-    return nn.Sequential(*_stage(c, a, double), *_stage(a, b, double), nn.Flatten(), nn.Dropout(dropout), *head,
-                         nn.Linear(hidden or flat, num_outputs))
+    return nn.Sequential(*s1, *s2, nn.Flatten(), nn.Dropout(dropout), *head, nn.Linear(hidden or flat, num_outputs))
 
 
 def lenet(input_shape: list[int], num_outputs: int) -> nn.Module:
