@@ -91,3 +91,22 @@ def test_a_peer_that_never_arrives_times_out(tmp_path):
     with pytest.raises(TrainingError, match="rank 1 did not reach the gradient all-reduce within"):
         shm.mean_(torch.ones(10))
     assert 0.5 <= time.monotonic() - t < 5
+
+
+def test_no_room_in_shm_means_gloo_not_a_crash(tmp_path, monkeypatch, capsys):
+    """A full tmpfs would SIGBUS the job at its first write into the mapping: the space is reserved up front,
+    and when that fails the file is removed and the job keeps gloo."""
+    import errno
+
+    from disttrain import shm_allreduce
+
+    monkeypatch.setattr(shm_allreduce, "SHM_DIR", tmp_path)
+    assert Path(shm_allreduce._create(4096)).stat().st_size == 4096
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert shm_allreduce._create(4096) == ""
+    assert len(list(tmp_path.iterdir())) == 1  # only the first file; the failed one is gone
+    assert "gradients go through gloo" in capsys.readouterr().err

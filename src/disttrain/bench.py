@@ -15,7 +15,7 @@ report is the median of the per-round ratios). Same model, same batch size, same
 Models: `lenet` (the PyTorch TensorBoard tutorial's net, SGD lr 1e-3 momentum 0.9 as in the tutorial) and
 the default `cnn` (Adam lr 1e-3, disttrain's default). Batch 64.
 
-    python -m disttrain.bench --data-dir /tmp/fmdata [--rounds 3] [--steps 200] [--json bench.json]
+    python -m disttrain.bench --data-dir /tmp/fmdata [--rounds 3] [--steps 800] [--json bench.json]
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def median(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m disttrain.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=200, help="timed steps per candidate (after 50 warm-up steps)")
+    p.add_argument("--steps", type=int, default=800,
+                   help="timed steps per candidate after 50 warm-up steps, within one epoch (<= 888 at batch 64)")
     p.add_argument("--models", default="lenet,cnn")
     p.add_argument("--multi-models", default="lenet,cnn", help="models for (d); empty to skip the launches")
     p.add_argument("--batch-size", type=int, default=64, help="per step; (d) keeps this global batch")

@@ -95,8 +95,9 @@ def share_gradients(cfg: Config, acc: Any, model: Any) -> None:
     """On one machine's CPU processes, make DDP average gradients through shared memory (collective)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel) and gradient_path(cfg, acc) == "shared memory":
         shm = shm_allreduce.ShmAllReduce.attach(acc, model.module, cfg.dist_timeout, broadcast_str)
-        # a lambda: DDP checks a hook's annotations at run time, and ours are strings (postponed evaluation)
-        model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
+        if shm is not None:  # (None: no room in /dev/shm; DDP keeps gloo, rank 0 said so)
+            # a lambda: DDP checks a hook's annotations at run time, and ours are strings (postponed evaluation)
+            model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
 
 
 def say(acc: Any, *args: Any) -> None:

@@ -61,18 +61,18 @@ class ShmAllReduce:
         self.pids: list[int] = []
 
     @classmethod
-    def attach(cls, acc: Any, model: torch.nn.Module, timeout_s: float, broadcast_str: Any) -> ShmAllReduce:
+    def attach(cls, acc: Any, model: torch.nn.Module, timeout_s: float, broadcast_str: Any) -> ShmAllReduce | None:
         """Create (rank 0) and map (all ranks) the shared file; unlink it once mapped, so nothing outlives
-        the job, even after kill -9. Collective: every rank calls it."""
+        the job, even after kill -9. None (keep gloo) if rank 0 cannot reserve the space. Collective."""
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         slot = min(MAX_SLOT_BYTES, -(-grad_bytes // 128) * 128)
         world = acc.num_processes
         path = ""
         if acc.is_main_process:
-            fd, path = _mkstemp()
-            os.ftruncate(fd, 2 * world * slot + world * FLAG_STRIDE * 8)
-            os.close(fd)
+            path = _create(2 * world * slot + world * FLAG_STRIDE * 8)
         path = broadcast_str(acc, path)
+        if not path:
+            return None
         self = cls(path, acc.process_index, world, slot, timeout_s)
         self.flags[self.rank * FLAG_STRIDE + 1] = os.getpid()
         acc.wait_for_everyone()
@@ -130,10 +130,27 @@ class ShmAllReduce:
                                         f"{self.timeout_s:.0f} s (--dist-timeout)")
 
 
-def _mkstemp() -> tuple[int, str]:
+def _create(size: int) -> str:
+    """A new file of `size` bytes in SHM_DIR with its space reserved (a full tmpfs would otherwise kill the
+    job with SIGBUS at the first write into the mapping), or "" if that fails."""
+    import sys
     import tempfile
 
-    return tempfile.mkstemp(prefix="disttrain-grads-", dir=SHM_DIR)
+    try:
+        fd, path = tempfile.mkstemp(prefix="disttrain-grads-", dir=SHM_DIR)
+    except OSError as e:
+        print(f"disttrain: warning: {SHM_DIR}: {e}; gradients go through gloo", file=sys.stderr)
+        return ""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return path
+    except OSError as e:
+        os.unlink(path)
+        print(f"disttrain: warning: cannot reserve {size} bytes in {SHM_DIR} ({e}); gradients go through gloo",
+              file=sys.stderr)
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
