@@ -53,9 +53,11 @@ def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None 
     log_with = None  # --log-with: train._tracker attaches the tracker once the run directory is known
     acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision, log_with=log_with, project_dir=project_dir,
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist_timeout)),
+                                       # gradients live in the all-reduce buckets (no copy in and out);
                                        # not a broadcast of the BN statistics before every forward (a gloo
                                        # round trip per step); evaluate() syncs them once, see sync_buffers
-                                       DistributedDataParallelKwargs(broadcast_buffers=False)])
+                                       DistributedDataParallelKwargs(broadcast_buffers=False,
+                                                                     gradient_as_bucket_view=True)])
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != acc.num_processes:
         raise UsageError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but Accelerate sees "
