@@ -88,7 +88,7 @@ def gradient_path(cfg: Config, acc: Any) -> str:
     """How gradients are averaged across processes (the topology line says it)."""
     if acc.num_processes == 1:
         return "none"
-    if shm_allreduce.unavailable_reason(acc, cfg.shm_allreduce) is None:
+    if shm_allreduce.usable(acc, cfg.shm_allreduce):
         return "shared memory"
     return torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,19 +35,13 @@ FLAG_STRIDE = 16  # int64s between two ranks' flags: 128 bytes, no false sharing
 SPIN = 2000  # busy polls before yielding the core (a peer on its own core arrives within microseconds)
 
 
-def unavailable_reason(acc: Any, enabled: bool) -> str | None:
-    """Why gradients cannot be averaged through shared memory in this job, or None if they can."""
-    if not enabled:
-        return "--no-shm-allreduce"
-    if acc.num_processes < 2 or acc.device.type != "cpu":
-        return "not a multi-process CPU job"
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "0")) != acc.num_processes:
-        return "processes on several machines"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"{platform.machine()} is not x86 (store ordering)"
-    if not SHM_DIR.is_dir() or not os.access(SHM_DIR, os.W_OK):
-        return f"{SHM_DIR} is not writable"
-    return None
+def usable(acc: Any, enabled: bool) -> bool:
+    """Whether this job can average gradients through shared memory: several CPU processes, all on this
+    x86 machine, a writable SHM_DIR, and not turned off with --no-shm-allreduce."""
+    return (enabled and acc.num_processes > 1 and acc.device.type == "cpu"
+            and int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == acc.num_processes
+            and platform.machine().lower() in ("x86_64", "amd64")  # store ordering, see above
+            and SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK))
 
 
 class ShmAllReduce:
@@ -133,9 +129,6 @@ class ShmAllReduce:
 def _create(size: int) -> str:
     """A new file of `size` bytes in SHM_DIR with its space reserved (a full tmpfs would otherwise kill the
     job with SIGBUS at the first write into the mapping), or "" if that fails."""
-    import sys
-    import tempfile
-
     try:
         fd, path = tempfile.mkstemp(prefix="disttrain-grads-", dir=SHM_DIR)
     except OSError as e:
