@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import write_idx
 
-from disttrain import data as data_mod
+from disttrain.data import builtin as data_mod
 from disttrain.config import Config
 from disttrain.data import ArrayDataset, Data, DataSpec, load_data
 from disttrain.errors import UsageError

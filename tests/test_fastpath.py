@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from disttrain.config import parse_config
-from disttrain.data import ArrayDataset, Data, _load_image_dataset, _prepare_image_dataset
+from disttrain.data import ArrayDataset, Data
+from disttrain.data.builtin import _load_image_dataset, _prepare_image_dataset
 
 
 class Wrapped(Dataset):

@@ -180,7 +180,7 @@ def launch(name: str, data_dir: str, steps: int, nproc: int, batch: int, extra: 
 
 def _fashion_tensors(data_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The training set as pre-normalised float tensors (and make sure torchvision's raw files exist)."""
-    from disttrain.data import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset
+    from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset
 
     _prepare_image_dataset("fashion_mnist", Path(data_dir))
     train, _, spec = _load_image_dataset("fashion_mnist", Path(data_dir))

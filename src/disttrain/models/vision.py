@@ -1,16 +1,12 @@
-"""Built-in models, sized from the data (input shape, number of outputs), and model plug-ins."""
+"""Vision nets and small baselines, sized from the data (input shape, number of outputs)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import torch
 from torch import nn
 
-from disttrain.data import DataSpec, import_plugin
-from disttrain.errors import UsageError, one_line
-
+from disttrain.errors import UsageError
 
 def linear(input_shape: list[int], num_outputs: int) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_outputs))
@@ -84,57 +80,8 @@ def resnet18(input_shape: list[int], num_outputs: int) -> nn.Module:
 BUILTIN = {"linear": linear, "mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": resnet18}
 
 
+
 def _require_image(shape: list[int], name: str) -> None:
     if len(shape) != 3:
         raise UsageError(f"--model {name} needs image inputs (channels, height, width), got input shape {shape}")
 
-
-def build_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
-    """A built-in model sized from the data, or `module:function(**kwargs)`."""
-    if name in BUILTIN:
-        fn, args = BUILTIN[name], {"input_shape": spec.input_shape, "num_outputs": spec.num_outputs}
-    else:
-        fn, args = import_plugin(name, "--model"), {}
-    try:
-        model = fn(**args, **kwargs)
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - factories are user code or get user kwargs
-        raise UsageError(f"--model {name} with --model-kwargs {kwargs} raised "
-                         f"{type(e).__name__}: {one_line(e)}") from None
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"--model {name} must return a torch.nn.Module, got {type(model).__name__}")
-    return model
-
-
-def is_conv_net(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-                loss_name: str) -> None:
-    """One real forward + loss before training, so a shape mismatch is reported in seconds."""
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"--model does not accept the data: input batch of shape {list(x.shape)} "
-                         f"raised {type(e).__name__}: {one_line(e)[:300]}") from None
-    if not isinstance(out, torch.Tensor):
-        raise UsageError(f"--model must return a tensor, got {type(out).__name__}")
-    if loss_name == "cross_entropy":
-        if y.is_floating_point() or out.ndim != 2 or out.shape[0] != len(y):
-            raise UsageError(f"--loss cross_entropy needs integer class targets of shape [batch] and outputs "
-                             f"[batch, classes]; got targets {list(y.shape)} {y.dtype} and outputs {list(out.shape)}")
-        if out.shape[1] < spec.num_outputs:
-            raise UsageError(f"model outputs {out.shape[1]} classes but the targets have {spec.num_outputs}")
-    elif out.shape != y.shape and not (out.numel() == y.numel() and out.shape[0] == y.shape[0]):
-        raise UsageError(f"--loss {loss_name}: model output shape {list(out.shape)} does not fit target shape "
-                         f"{list(y.shape)}")
-    loss = loss_fn(out.float(), y)
-    if loss.shape != (len(y),):
-        raise UsageError(f"--loss {loss_name} gave per-sample shape {list(loss.shape)}, expected [{len(y)}]")
