@@ -22,8 +22,8 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
-                                   say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, plain_module,
+                                   resolve_precision, say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
@@ -231,7 +231,7 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     t = time.perf_counter()
     s, n, bad = meter.read(r.acc, "epoch")  # never save after a non-finite loss
     _fail_if_bad(r, bad)
-    model = r.acc.unwrap_model(r.model)
+    model = plain_module(r.acc, r.model)
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
     rng = ckpt.gather_rng(r.acc)
@@ -389,7 +389,7 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
-    model = r.acc.unwrap_model(r.model)
+    model = plain_module(r.acc, r.model)
     if r.acc.is_main_process:
         ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
