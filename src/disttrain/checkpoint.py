@@ -1,6 +1,6 @@
 """The run directory and its checkpoints: the only module that knows the on-disk layout.
 
-    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock
+    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
                                        rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
     <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
@@ -50,6 +50,7 @@ class RunDir:
         self.model_meta = self.path / "model.json"
         self.summary = self.path / "summary.json"
         self.status = self.path / "status.json"
+        self.progress = self.path / ".progress"  # the last finished step (recovery.Progress)
         self.best = self.checkpoints / "best"
         self.tensorboard = self.path / "tensorboard"
         self._lock_fd: int | None = None
@@ -113,7 +114,7 @@ class RunDir:
 
     def clear(self) -> None:
         """--overwrite: remove a previous run's outputs (never anything else in the directory)."""
-        for p in (self.metrics, self.model, self.model_meta, self.summary, self.status, self.config):
+        for p in (self.metrics, self.model, self.model_meta, self.summary, self.status, self.config, self.progress):
             p.unlink(missing_ok=True)
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         shutil.rmtree(self.tensorboard, ignore_errors=True)

@@ -11,7 +11,9 @@ from typing import Any
 
 class MetricsLog:
     """Append-only JSON lines. On resume the lines written after the checkpoint are dropped, so after
-    any number of resumes the file reads like one uninterrupted run (plus one "resume" line each)."""
+    any number of resumes the file reads like one uninterrupted run (plus one "resume" line each). The
+    "restart" lines among them are kept: each records a failure that happened, even one whose attempt died
+    before its first checkpoint."""
 
     def __init__(self, path: Path, enabled: bool, tracker: Any = None):
         self.path, self.enabled, self.tracker = path, enabled, tracker
@@ -21,7 +23,8 @@ class MetricsLog:
         if not self.enabled:
             return
         lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines[:keep_lines]]
+        lines = lines[:keep_lines] + [ln for ln in lines[keep_lines:] if _kind(ln) == "restart"]
+        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(lines))
         os.replace(tmp, self.path)
@@ -47,6 +50,13 @@ class MetricsLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def _kind(line: str) -> Any:
+    try:
+        return json.loads(line).get("kind")
+    except (ValueError, AttributeError):  # a line cut short by a kill
+        return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
