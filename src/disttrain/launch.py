@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             restarts += 1
             reached = Progress.read(rundir.progress)
-            at = f" at step {reached[0]}" if reached else ""
+            at = f" (last finished step {reached[0]})" if reached else ""
             print(f"{PROG}: restart {restarts}/{max_restarts} after {out.cause}{at}; starting the group again "
                   "from the newest checkpoint", file=sys.stderr)
             env[RESTART_ENV] = restart_env(restarts, max_restarts, out.cause)
