@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from disttrain import checkpoint as ckpt
 from disttrain.config import default_output_dir, parse_config
 from disttrain.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, one_line
 from disttrain.recovery import (FAILURE_FILE_ENV, RESTART_ENV, Outcome, Progress, judge, read_failure, restart_env,
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.output_dir is None:  # one name for every node (each would otherwise stamp its own time)
         cfg.output_dir = default_output_dir(cfg)
         flags = [*flags, "--output-dir", cfg.output_dir]
-    rundir = ckpt.RunDir(cfg.output_dir)
+    status_file = Path(cfg.output_dir) / "status.json"
     first_machine = (_option(acc_opts, "--machine_rank") or "0") == "0"
     old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     env = dict(os.environ)
@@ -226,11 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             # After a stop request, or on machines other than the first, the main rank (maybe on another
             # node) may write status.json a moment after our child ended: give it a few seconds.
             expect = rc != 0 and (fwd.received is not None or not first_machine)
-            status = None if cfg.dry_run else read_status(rundir.status, start, 5.0 if expect else 0.0)
+            status = None if cfg.dry_run else read_status(status_file, start, 5.0 if expect else 0.0)
             out = judge(rc, status, read_failure(failure_file), fwd.received is not None)
             if not out.restart or restarts >= max_restarts or fwd.received is not None:
                 break
             restarts += 1
+            rundir = run_dir(cfg.output_dir)
             reached = Progress.read(rundir.progress)
             at = f" (last finished step {reached[0]})" if reached else ""
             print(f"{PROG}: restart {restarts}/{max_restarts} after {out.cause}{at}; starting the group again "
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, h)
         shutil.rmtree(tmp, ignore_errors=True)
     if out.restart:
-        return give_up(rundir, out, restarts, max_restarts, write=first_machine and not cfg.dry_run)
+        return give_up(run_dir(cfg.output_dir), out, restarts, max_restarts, write=first_machine and not cfg.dry_run)
     if status is not None and isinstance(status.get("exit_code"), int):
         code, state, reason = status["exit_code"], status.get("state", "?"), status.get("reason") or ""
         where = f" at step {status['step']}" if "step" in status else ""
@@ -250,12 +250,20 @@ def main(argv: list[str] | None = None) -> int:
         return code
     what = f"stopped by {fwd.received}" if fwd.received else "exited"
     print(f"{PROG}: training {what} with code {out.code}"
-          + ("" if out.code == 0 else f" before writing {rundir.status}; the first error above says why"),
+          + ("" if out.code == 0 else f" before writing {status_file}; the first error above says why"),
           file=sys.stderr)
     return out.code
 
 
-def give_up(rundir: ckpt.RunDir, out: Outcome, restarts: int, max_restarts: int, write: bool) -> int:
+def run_dir(path: str) -> Any:
+    """The run directory's layout (checkpoint.RunDir), imported only after a failure: disttrain.checkpoint
+    imports torch, which the launcher otherwise never loads (it starts in a tenth of a second)."""
+    from disttrain.checkpoint import RunDir
+
+    return RunDir(path)
+
+
+def give_up(rundir: Any, out: Outcome, restarts: int, max_restarts: int, write: bool) -> int:
     """A crash with no restart left: status.json says why (first machine), one line, exit 1."""
     if max_restarts:
         reason = f"giving up after {restarts} restart(s) (--max-restarts {max_restarts}); last failure: {out.cause}"
@@ -264,9 +272,11 @@ def give_up(rundir: ckpt.RunDir, out: Outcome, restarts: int, max_restarts: int,
     reached = Progress.read(rundir.progress)
     if write and rundir.path.is_dir():
         try:
-            ckpt.write_json(rundir.status, {"state": "failed", "exit_code": EXIT_FAILURE, "step": reached[0] if
-                                            reached else None, "reason": reason, "restartable": True,
-                                            "restarts": restarts, "time": time.time()})
+            from disttrain.checkpoint import write_json
+
+            write_json(rundir.status, {"state": "failed", "exit_code": EXIT_FAILURE,
+                                       "step": reached[0] if reached else None, "reason": reason,
+                                       "restartable": True, "restarts": restarts, "time": time.time()})
         except OSError as e:
             print(f"disttrain: warning: cannot write {rundir.status}: {one_line(e)}", file=sys.stderr)
     where = f" at step {reached[0]}" if reached else ""
