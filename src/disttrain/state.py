@@ -17,6 +17,7 @@ on disk; this module only knows what they mean.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,20 @@ class Position:
     def from_saved(cls, p: dict[str, Any]) -> Position:
         """From a checkpoint's state.json "position" (keys it does not know are ignored)."""
         return cls(**{k: p[k] for k in cls.__dataclass_fields__ if k in p})
+
+
+def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this process's training streams (torch CPU and CUDA, numpy, Python `random`: dropout and any
+    draw a model makes) from (seed, rank, step) through numpy's SeedSequence, so ranks draw different
+    masks, each a function of the seed and its rank. Called after the model is built (initial weights come
+    from `--seed` alone, the same on every rank); `step` is nonzero only when a resume on another world size
+    cannot carry the saved streams over."""
+    import numpy as np
+
+    s = int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(1, np.uint64)[0]) >> 1
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
 
 
 def global_batch(cfg: Config, world: int) -> int:
@@ -108,7 +123,7 @@ def restore_before_prepare(saved: dict[str, Any], cfg: Config, acc: Any, model: 
     else:  # other world size: per-rank streams cannot carry over; derive fresh ones
         say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
                   "per-rank RNG streams (dropout) restart from the seed")
-        torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
+        seed_rank_streams(cfg.seed, acc.process_index, pos.step)
     return pos
 
 

@@ -22,16 +22,17 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, plain_module,
-                                   resolve_precision, say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (StopSignal, Sync, broadcast_str, find_unused_parameters, is_launched,
+                                   make_accelerator, plain_module, resolve_precision, say, set_threads, shutdown,
+                                   share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
-from disttrain.state import Position, checkpoint_files, load_model_weights, position_dict, \
-    restore_after_prepare, restore_before_prepare
+from disttrain.state import (Position, checkpoint_files, load_model_weights, position_dict, restore_after_prepare,
+                             restore_before_prepare, seed_rank_streams)
 from disttrain.summary import write_summary
 
 
@@ -115,13 +116,14 @@ def train(r: Run) -> None:
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
             for i, (x, y) in enumerate(window):
-                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches
-                with acc.no_sync(model) if i < len(window) - 1 else nullcontext():
+                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches;
+                #     window.mode: a rank with no sample left in the epoch's last step joins with weight 0
+                with acc.no_sync(model) if i < len(window) - 1 else nullcontext(), window.mode(model):
                     losses = r.loss_fn(model(x), y)  # per-sample losses, shape [batch]
-                    # --- sum / samples in the window: each sample weighs the same on any world size,
-                    #     micro-batching or partial last window (DDP then averages over ranks)
-                    acc.backward(losses.sum() / window.n_samples)
-                s = losses.detach().sum(dtype=torch.float64)
+                    # --- sum x processes / samples in the step (all ranks): after DDP's average over ranks
+                    #     each sample weighs the same on any world size, micro-batching or partial last step
+                    acc.backward(losses.sum() * window.weight)
+                s = losses.detach().sum(dtype=torch.float64) * (not window.placeholder)
                 window_loss = s if window_loss is None else window_loss + s
             # --on-nonfinite skip: no update, but the step slot (schedule, data position) is used up
             skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
@@ -332,15 +334,16 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     if cfg.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cpu":
         raise UsageError("--sync-batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); "
                          "batch-norm statistics stay per process")
-    x, y = next(iter(next(data.train_windows(0))))
-    check_batch(model, loss_fn, x, y, data.spec, name)
+    unused, channels_last = _preflight(acc, model, loss_fn, data, name, channels_last)
+    find_unused_parameters(acc, unused)
+    seed_rank_streams(cfg.seed, acc.process_index)  # training draws (dropout) differ per rank from here on
     if cfg.init_from:
         load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
     optimizer = build_optimizer(cfg, model)
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     scheduler = build_scheduler(cfg, optimizer, total)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -374,6 +377,25 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
                total, meta)
+
+
+def _preflight(acc: Any, model: Any, loss_fn: Any, data: Data, loss: str,
+               channels_last: bool) -> tuple[list[str], bool]:
+    """One batch through the model before anything is written (models.check_batch): (unused parameters,
+    channels_last still on). channels_last is our default, never the user's: a model it breaks (a `view` of
+    a conv output) runs in the standard format instead, and a note says so."""
+    x, y = next(iter(next(data.train_windows(0))))
+    try:
+        return check_batch(model, loss_fn, x, y, data.spec, loss), channels_last
+    except UsageError as e:
+        if not channels_last:
+            raise
+        model.to(memory_format=torch.contiguous_format)
+        data.channels_last = False
+        unused = check_batch(model, loss_fn, x.contiguous(), y, data.spec, loss)  # still failing: the model's error
+        say(acc, f"disttrain: note: channels_last memory format turned off: the model fails with it "
+                  f"({one_line(e)[:160]}); training in the standard format")
+        return unused, False
 
 
 def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -> Any:
