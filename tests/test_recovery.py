@@ -77,7 +77,8 @@ def test_root_cause_prefers_the_killed_or_raising_rank():
 def test_restart_flags():
     flags = ["--epochs", "2", "--overwrite", "--init-from", "w.safetensors"]
     again = restart_flags(flags, "none", has_checkpoint=True)
-    cfg = train.parse_config(["--epochs", "2", "--resume", "auto", "--no-overwrite", "--init-from", "none"])
+    cfg = train.parse_config(["--epochs", "2", "--resume", "auto", "--no-overwrite", "--init-from", "none",
+                              "--output-dir", "run"])
     assert again[:len(flags)] == flags and again[len(flags):] == ["--resume", "auto", "--no-overwrite",
                                                                   "--init-from", "none"]
     assert (cfg.resume, cfg.overwrite, cfg.init_from) == ("auto", False, None)

@@ -453,6 +453,27 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UsageError(f"--resume {path}: not a checkpoint directory (no manifest.json)")
 
 
+def run_dir_of(path: str | Path) -> tuple[Path | None, Path | None]:
+    """For a --resume PATH: (the run directory that holds it or None for a loose checkpoint, the checkpoint
+    directory or None when PATH is a run directory). Nothing is verified here (load_checkpoint does)."""
+    p = Path(path)
+    if p.is_file() and p.name == "manifest.json":
+        p = p.parent
+    if (p / "manifest.json").exists():
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        return (run if run is not None and (run / "checkpoints").is_dir() else None), p
+    return p, None
+
+
+def saved_run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was saved with (its state.json), or None if unreadable."""
+    try:
+        cfg = read_json(checkpoint / "state.json").get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def find_latest(run: RunDir) -> tuple[Path | None, list[str]]:
     """Newest checkpoint that verifies, and the reasons the newer ones were skipped."""
     bad = []

@@ -19,12 +19,14 @@ class MetricsLog:
         self.path, self.enabled, self.tracker = path, enabled, tracker
         self._f: Any = None
 
-    def open(self, keep_lines: int) -> None:
+    def open(self, keep_lines: int, source: Path | None = None) -> None:
+        """Keep the first `keep_lines` lines (of `source`, another run's log, when given) and append."""
         if not self.enabled:
             return
-        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        lines = lines[:keep_lines] + [ln for ln in lines[keep_lines:] if _kind(ln) == "restart"]
-        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines]
+        src = source if source is not None else self.path
+        lines = src.read_text().splitlines(keepends=True) if src.exists() else []
+        kept = [ln for ln in lines[keep_lines:] if _kind(ln) == "restart"] if source is None else []
+        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines[:keep_lines] + kept]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(lines))
         os.replace(tmp, self.path)
