@@ -367,14 +367,18 @@ def test_always_failing_worker_gives_up(tmp_path, fmnist_dir, plugin_dir):
                        capture_output=True, text=True, env=plugin_env(plugin_dir), timeout=600)
     assert p.returncode == 1, p.stderr[-3000:]
     lines = p.stderr.strip().splitlines()
-    assert [ln for ln in lines if ln.startswith("disttrain-launch: restart")] == [
-        "disttrain-launch: restart 1/1 after rank 1: RuntimeError: boom at step 5 on rank 1 (last finished step "
-        "4); starting the group again from the newest checkpoint"]
-    assert lines[-1] == ("disttrain-launch: training failed at step 8 (exit 1): giving up after 1 restart(s) "
-                         "(--max-restarts 1); last failure: rank 1: RuntimeError: boom at step 5 on rank 1")
+    said = [ln for ln in lines if ln.startswith("disttrain-launch: restart")]
+    (restart,) = restarts_in(out)
+    assert said == [f"disttrain-launch: restart 1/1 after rank 1: RuntimeError: boom at step 5 on rank 1 (last "
+                    f"finished step {restart['reached']}); starting the group again from the newest checkpoint"]
+    assert restart["cause"] == "rank 1: RuntimeError: boom at step 5 on rank 1"
+    assert 0 < restart["step"] <= restart["reached"] and restart["step"] % 2 == 0  # --save-every-steps 2
     st = json.loads((out / "status.json").read_text())
-    assert st["state"] == "failed" and st["exit_code"] == 1 and "RuntimeError: boom" in st["reason"]
-    assert [x["step"] for x in restarts_in(out)] == [4]
+    assert st["state"] == "failed" and st["exit_code"] == 1 and st["restarts"] == 1
+    assert st["step"] > restart["reached"]  # the restarted attempt got further, then failed the same way
+    assert lines[-1] == (f"disttrain-launch: training failed at step {st['step']} (exit 1): giving up after 1 "
+                         "restart(s) (--max-restarts 1); last failure: rank 1: RuntimeError: boom at step 5 on rank 1")
+    assert st["reason"] == lines[-1].split("(exit 1): ", 1)[1]
     assert not (out / "model.safetensors").exists()
 
 
