@@ -38,7 +38,7 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce",
+    "shm_allreduce", "find_unused_parameters",
 })
 
 
@@ -68,6 +68,9 @@ class Config:
     sync_batchnorm: bool = _f(False, "SyncBatchNorm across processes")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(True, "channels_last memory format for conv nets on 4-D inputs")
+    find_unused_parameters: bool = _f(False, "DDP looks for parameters without a gradient every step (auto when "
+                                             "the pre-flight batch leaves some unused; force it for a model "
+                                             "that skips parameters only on some steps)")
     # objective and optimizer
     loss: str | None = _f(None, "loss (default: cross_entropy for classification, mse otherwise)",
                           choices=LOSSES)

@@ -102,12 +102,18 @@ def share_gradients(cfg: Config, acc: Any, model: Any) -> None:
             model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
 
 
-def find_unused_parameters(acc: Any, unused: list[str]) -> None:
+def find_unused_parameters(acc: Any, unused: list[str], force: bool = False) -> bool:
     """Parameters the pre-flight loss never reached (a head `forward` skips, one used on some steps): DDP
     must then look for them after every forward (find_unused_parameters), else all ranks die at the next
-    step waiting for their gradients. Globally unused parameters keep `grad=None`, as on one process."""
-    if unused and acc.num_processes > 1 and acc.ddp_handler is not None:
+    step waiting for their gradients. Globally unused parameters keep `grad=None`, as on one process.
+    `force` (--find-unused-parameters): also when the pre-flight batch used them all. Returns whether on."""
+    on = bool(unused or force) and acc.num_processes > 1 and acc.ddp_handler is not None
+    if on:
         acc.ddp_handler.find_unused_parameters = True
+    return on
+
+
+UNUSED_HINT = "Expected to have finished reduction in the prior iteration"  # DDP's error for it
 
 
 def plain_module(acc: Any, model: Any) -> torch.nn.Module:
@@ -139,7 +145,9 @@ def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: 
             + (f", {len(unused)} parameter(s) unused by the loss ({', '.join(unused[:3])}"
                f"{', ...' if len(unused) > 3 else ''}): "
                + ("DDP finds unused parameters every step" if acc.num_processes > 1 else "they get no gradient")
-               if unused else ""))
+               if unused else "")
+            + (", DDP finds unused parameters every step (--find-unused-parameters)"
+               if cfg.find_unused_parameters and not unused and acc.num_processes > 1 else ""))
 
 
 class Sync:

@@ -22,9 +22,9 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, find_unused_parameters, is_launched,
-                                   make_accelerator, plain_module, resolve_precision, say, set_threads, shutdown,
-                                   share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, find_unused_parameters,
+                                   is_launched, make_accelerator, plain_module, resolve_precision, say, set_threads,
+                                   shutdown, share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
@@ -361,7 +361,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
         raise UsageError("--sync-batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); "
                          "batch-norm statistics stay per process")
     unused, channels_last = _preflight(acc, model, loss_fn, data, name, channels_last)
-    find_unused_parameters(acc, unused)
+    find_unused_parameters(acc, unused, cfg.find_unused_parameters)
     seed_rank_streams(cfg.seed, acc.process_index)  # training draws (dropout) differ per rank from here on
     if cfg.init_from:
         load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
@@ -495,6 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         _write_status(r, "failed", EXIT_FAILURE, one_line(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except RuntimeError as e:
+        if UNUSED_HINT not in str(e):
+            raise
+        msg = (f"a parameter got no gradient at step {r.pos.step + 1 if r else '?'} although the pre-flight batch "
+               "used it (a model that skips parameters on some steps); rerun with --find-unused-parameters")
+        _write_status(r, "failed", EXIT_FAILURE, msg)
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {msg}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # e.g. disk full while writing metrics or the final model: one line, exit 1
         _write_status(r, "failed", EXIT_FAILURE, one_line(e))
