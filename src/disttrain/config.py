@@ -93,7 +93,7 @@ class Config:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     mixed_precision: str | None = _f(None, "no/bf16/fp16 (default: the launch config's, else no)",
                                      choices=PRECISIONS)
-    seed: int = _f(0, "seeds everything, and the DistributedSampler")
+    seed: int = _f(0, "seeds everything: weights, epoch order, per-rank streams, dataset reads")
     # outputs, checkpoints, resume
     output_dir: str | None = _f(None, "run directory (default runs/<dataset>-<model>-<timestamp>)")
     save_every_steps: int = _f(0, "checkpoint every N optimizer steps (0: epoch ends only)")
