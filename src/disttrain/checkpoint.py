@@ -138,14 +138,14 @@ class RunDir:
         self.mark()
 
     def abandon(self) -> None:
-        """Undo lock() of a run refused before it wrote anything: remove the lock file and the directory
-        if this process created them and nothing else is there; release the lock."""
+        """Undo lock() of a run refused before it wrote anything: remove the lock file if this process
+        created it, and the directory if it created that too and nothing else is there; release the lock."""
         if self._lock_fd is None:
             return
         try:
-            if self._created_lock and not self.entries():
+            if self._created_lock:
                 os.unlink(self.path / ".lock")
-                if self._created_dir:
+                if self._created_dir and not self.entries():
                     self.path.rmdir()
         except OSError:
             pass

@@ -31,5 +31,5 @@ def cut(message: object, limit: int = MAX_LINE) -> str:
     if len(s) <= limit:
         return s
     head = (limit * 2) // 3
-    tail = limit - head - 5
+    tail = limit - head - 7
     return f"{s[:head]} [...] {s[-tail:]}"

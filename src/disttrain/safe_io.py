@@ -164,6 +164,12 @@ def _yaml_loader(what: str, max_aliases: int, depth: int) -> Any:
             finally:
                 Loader.level -= 1
 
+        def construct_yaml_int(self, node: Any) -> Any:
+            try:
+                return super().construct_yaml_int(node)
+            except ValueError:  # more than 4300 digits: keep the text, the field's check names key and value
+                return self.construct_scalar(node)
+
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen: set[Any] = set()
             for key_node, _ in node.value:
@@ -178,6 +184,7 @@ def _yaml_loader(what: str, max_aliases: int, depth: int) -> Any:
                                       "each key may appear once")
             return super().construct_mapping(node, deep)
 
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
     return Loader
 
 
@@ -214,7 +221,7 @@ def check_entry(path: Path, want: str) -> bool:
     ok = stat.S_ISREG(st.st_mode) if want == "file" else stat.S_ISDIR(st.st_mode)
     if not ok:
         raise UnsafeInput(f"{path}: is {_kind(st.st_mode)}, expected a {'regular file' if want == 'file' else 'directory'}; "
-                          "refusing to write through it")
+                          "disttrain neither follows nor replaces it")
     return True
 
 

@@ -26,8 +26,9 @@ from disttrain.data import Data, load_data
 from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
                                    say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
-                              one_line)
+                              cut, one_line)
 from disttrain.evaluate import evaluate
+from disttrain.launch import report_refusal
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
@@ -547,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except UsageError as e:
         if rank == 0 or not is_launched():
-            print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+            print(f"disttrain: error: {cut(e)}", file=sys.stderr)
+            report_refusal(f"disttrain: error: {cut(e)}")  # disttrain.launch prints it last, exit 2
         return EXIT_USAGE
     except Interrupted as e:
         msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
@@ -556,12 +558,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"disttrain: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingError as e:
-        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
-        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
+        _write_status(r, "failed", EXIT_FAILURE, cut(e))
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {cut(e)}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as e:  # e.g. disk full while writing metrics or the final model: one line, exit 1
-        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
-        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {one_line(e)}",
+    except OSError as e:  # e.g. disk full while writing metrics: one line, exit 1
+        _write_status(r, "failed", EXIT_FAILURE, cut(e))
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {cut(e)}",
               file=sys.stderr)
         return EXIT_FAILURE
     finally:
