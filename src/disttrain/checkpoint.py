@@ -65,7 +65,8 @@ class RunDir:
         self.tensorboard = self.path / "tensorboard"
         self.marker = self.path / MARKER
         self._lock_fd: int | None = None
-        self._created_dir = self._created_lock = False  # by lock(): abandon() removes them again
+        self._created_dirs: list[Path] = []  # by lock(): abandon() removes them (and the lock file) again
+        self._created_lock = False
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}"
@@ -120,7 +121,7 @@ class RunDir:
         is decided, so of two runs started together the second sees what the first wrote; writes nothing
         into an existing lock file (claim() does, once the run is accepted). Creates the directory and the
         lock file if needed; abandon() removes them again when the run is refused."""
-        self._created_dir = not (self.path.exists() or self.path.is_symlink())
+        self._created_dirs = [d for d in (self.path, *self.path.parents) if not (d.exists() or d.is_symlink())]
         self.path.mkdir(parents=True, exist_ok=True)
         safe_io.check_entry(self.path, "dir")
         self._created_lock = not safe_io.check_entry(self.path / ".lock", "file")
@@ -134,7 +135,7 @@ class RunDir:
         assert self._lock_fd is not None
         os.ftruncate(self._lock_fd, 0)
         os.pwrite(self._lock_fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._created_dir = self._created_lock = False
+        self._created_dirs, self._created_lock = [], False
         self.mark()
 
     def abandon(self) -> None:
@@ -145,8 +146,8 @@ class RunDir:
         try:
             if self._created_lock:
                 os.unlink(self.path / ".lock")
-                if self._created_dir and not self.entries():
-                    self.path.rmdir()
+                for d in self._created_dirs:  # deepest first; stops at the first one not empty
+                    d.rmdir()
         except OSError:
             pass
         self.unlock()

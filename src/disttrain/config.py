@@ -155,8 +155,8 @@ def convert(name: str, value: Any, source: str) -> Any:
             out = int(value) if not isinstance(value, str) else int(value.strip(), 10)
         except (TypeError, ValueError, OverflowError):
             raise UsageError(f"{flag} must be an integer, got {_short(value)}") from None
-        if abs(out) >= 2**63:
-            raise UsageError(f"{flag} must be an integer below 2**63, got {_short(value)}")
+        if abs(out) >= 10**30:  # (each field's own range is checked in validate())
+            raise UsageError(f"{flag} must be an integer below 10**30, got {_short(value)}")
         return out
     if tp is float:
         if isinstance(value, bool):
@@ -186,8 +186,10 @@ def convert(name: str, value: Any, source: str) -> Any:
 
 def _short(value: Any, n: int = 60) -> str:
     """repr(value), cut to n characters (a 5,000-digit number must not become the whole error line)."""
-    r = repr(value) if not isinstance(value, (dict, list)) else f"a {type(value).__name__}"
-    return r if len(r) <= n else f"{r[:n]}... ({len(r)} characters)"
+    r = repr(value)
+    if len(r) <= n:
+        return r
+    return f"a {type(value).__name__}" if isinstance(value, (dict, list)) else f"{r[:n]}... ({len(r)} characters)"
 
 
 def _bounded_kwargs(value: dict, flag: str) -> dict:
@@ -233,8 +235,8 @@ def load_yaml(path: str) -> dict[str, Any]:
     from disttrain.safe_io import UnsafeInput, read_yaml
 
     p = Path(path)
-    if not (p.exists() or p.is_symlink()):
-        raise UsageError(f"--config {path}: no such file; expected a YAML file")
+    if not (p.exists() or p.is_symlink()) or (p.is_dir() and not p.is_symlink()):
+        raise UsageError(f"--config {path}: {'not a file' if p.exists() else 'no such file'}; expected a YAML file")
     try:
         data = read_yaml(p)
     except UnsafeInput as e:
