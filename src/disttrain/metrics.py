@@ -20,12 +20,13 @@ class MetricsLog:
         self._f: Any = None
         self._n = 0  # lines in the file
 
-    def open(self, keep_lines: int) -> None:
-        """Keep the first `keep_lines` lines (atomically), then append; never through a link."""
+    def open(self, keep_lines: int, source: Path | None = None) -> None:
+        """Keep the first `keep_lines` lines (of `source`, another run's log, when given) and append;
+        atomically, never through a link, reading at most safe_io.MAX_METRICS bytes."""
         if not self.enabled:
             return
-        exists = check_entry(self.path, "file")
-        raw = read_bytes(self.path, MAX_METRICS) if exists else b""
+        src = source if source is not None else self.path
+        raw = read_bytes(src, MAX_METRICS) if check_entry(src, "file") else b""
         lines = raw.splitlines(keepends=True)[:keep_lines]
         write_atomic(self.path, b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines))
         self._f = open_append(self.path)
