@@ -38,6 +38,12 @@ def records(run_dir):
 # --------------------------------------------------------------------------- round trips of every state kind
 
 
+# the least a checkpoint's JSON files must hold to pass the schema (disttrain.schema)
+MINIMAL_STATE = {"position": {"epoch": 0, "window": 3, "step": 3, "metrics_lines": 0}, "config": {},
+                 "world_size": 1, "global_batch": 4}
+MINIMAL_META = {"model": "linear", "spec": {"task": "regression", "input_shape": [3], "num_outputs": 2}}
+
+
 @pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                                   lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.9)),
                                   lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)])
@@ -52,7 +58,8 @@ def test_optimizer_round_trip(tmp_path, make):
     tensors, meta = ckpt.optimizer_to_files(opt.state_dict())
     run_dir = ckpt.RunDir(tmp_path)
     path = ckpt.save_checkpoint(run_dir, 3, {"model.safetensors": model.state_dict(), "optimizer.safetensors": tensors,
-                                             "optimizer.json": meta, "state.json": {}, "model.json": {}}, 3)
+                                             "optimizer.json": meta, "state.json": MINIMAL_STATE,
+                                             "model.json": MINIMAL_META}, 3)
     loaded = ckpt.load_checkpoint(path)
     model2 = torch.nn.Linear(3, 2)
     model2.load_state_dict(loaded["model.safetensors"])

@@ -20,6 +20,7 @@ import torch
 from disttrain import shm_allreduce
 from disttrain.config import Config
 from disttrain.errors import UsageError
+from disttrain.signals import SignalTally
 
 
 def resolve_precision(cfg: Config) -> str:
@@ -205,9 +206,11 @@ class StopSignal:
         self.received: str | None = None
         self._sigints = 0
         self._old: dict[int, Any] = {}
+        self._tally = SignalTally()  # two Ctrl-C before the handler ran still count as two
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
+            self._tally.__enter__()
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)
         return self
@@ -216,10 +219,11 @@ class StopSignal:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
+        self._tally.__exit__(*exc)
 
     def _handler(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
-            self._sigints += 1
+            self._sigints = self._tally.count(signum)
             if self._sigints >= 2:
                 sys.stderr.write("disttrain: second Ctrl-C, exiting without a checkpoint\n")
                 sys.stderr.flush()

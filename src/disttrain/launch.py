@@ -21,19 +21,23 @@ Without `--`, every argument is a disttrain.train flag.
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from disttrain.config import default_output_dir, parse_config
-from disttrain.errors import EXIT_USAGE, UsageError, one_line
+from disttrain.errors import EXIT_USAGE, UsageError, cut, one_line
+from disttrain.safe_io import MAX_SMALL, read_json, read_text, write_atomic
+from disttrain.signals import SignalTally
 
 PROG = "disttrain-launch"
+ERROR_FILE_ENV = "DISTTRAIN_ERROR_FILE"  # set for the trainer: where it leaves a refusal line for us
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -83,6 +87,7 @@ class Forwarder:
         self.child: subprocess.Popen[bytes] | None = None  # set right after the start: a signal before it
         self.sigints, self.resend_at = 0, 0.0             # is only recorded, then sent on by start()
         self.received: str | None = None
+        self.tally = SignalTally()  # entered by main() around the handlers
 
     def start(self, cmd: list[str], env: dict[str, str]) -> None:
         self.child = subprocess.Popen(cmd, start_new_session=True, env=env)  # own session: we choose its signals
@@ -105,7 +110,7 @@ class Forwarder:
         first = self.received is None
         self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:
-            self.sigints += 1
+            self.sigints = self.tally.count(signum)  # exact: two Ctrl-C before this handler ran count as two
             if self.sigints == 2:  # the user insists: abort without a checkpoint (the trainer's 2nd SIGINT)
                 self._kill(signal.SIGINT)
                 self.resend_at = time.monotonic() + 0.3
@@ -133,14 +138,31 @@ def read_status(path: Path, since: float, wait_s: float = 0.0) -> dict[str, Any]
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            status = json.loads(path.read_text())
+            status = read_json(path, MAX_SMALL)
             if isinstance(status, dict) and float(status.get("time", 0)) >= since:
                 return status
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             pass
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.2)
+
+
+def report_refusal(line: str) -> None:
+    """Trainer side: leave our one-line usage error for the launcher that started us (if one did)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            write_atomic(Path(path), line.encode())
+        except (OSError, UsageError):
+            pass
+
+
+def _read_refusal(path: Path) -> str | None:
+    try:
+        return one_line(read_text(path, 64 << 10)) or None
+    except (OSError, UsageError):
+        return None
 
 
 def check(flags: list[str]) -> int:
@@ -148,7 +170,7 @@ def check(flags: list[str]) -> int:
     try:
         parse_config(flags, prog=PROG)
     except UsageError as e:
-        print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 
@@ -168,14 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")  # torchrun --signals_to_handle
     fwd = Forwarder()
-    for s in STOP_SIGNALS:
-        signal.signal(s, fwd.handler)
-    try:
-        fwd.start(cmd, env)
-        rc = fwd.wait()
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+    errdir = tempfile.mkdtemp(prefix="disttrain-launch-")  # the trainer's one-line refusal comes back here
+    env[ERROR_FILE_ENV] = os.path.join(errdir, "error")
+    with fwd.tally:
+        for s in STOP_SIGNALS:
+            signal.signal(s, fwd.handler)
+        try:
+            fwd.start(cmd, env)
+            rc = fwd.wait()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    refusal = _read_refusal(Path(env[ERROR_FILE_ENV]))
+    shutil.rmtree(errdir, ignore_errors=True)
+    if refusal is not None:  # the trainer refused its input (exit 2): that line is the story, and last
+        print(refusal, file=sys.stderr)
+        return EXIT_USAGE
     # After a stop request, or on machines other than the first, the main rank (maybe on another node)
     # may write status.json a moment after our child ended: give it a few seconds.
     expect = rc != 0 and (fwd.received is not None or (_option(acc_opts, "--machine_rank") or "0") != "0")
