@@ -31,6 +31,8 @@ PRECISIONS = ("no", "bf16", "fp16")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
+MAX_KWARGS_BYTES = 64 << 10  # one *-kwargs value as JSON (saved in config.yaml and every state.json)
+MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds (datetime.timedelta overflows near 1e14)
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 # Keys a resume may change: run length, cadence, logging and where things live.
@@ -38,7 +40,7 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce", "save_every_minutes",
+    "shm_allreduce", "find_unused_parameters", "save_every_minutes",
 })
 
 
@@ -68,6 +70,9 @@ class Config:
     sync_batchnorm: bool = _f(False, "SyncBatchNorm across processes")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(True, "channels_last memory format for conv nets on 4-D inputs")
+    find_unused_parameters: bool = _f(False, "DDP looks for parameters without a gradient every step (auto when "
+                                             "the pre-flight batch leaves some unused; force it for a model "
+                                             "that skips parameters only on some steps)")
     # objective and optimizer
     loss: str | None = _f(None, "loss (default: cross_entropy for classification, mse otherwise)",
                           choices=LOSSES)
@@ -90,7 +95,7 @@ class Config:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     mixed_precision: str | None = _f(None, "no/bf16/fp16 (default: the launch config's, else no)",
                                      choices=PRECISIONS)
-    seed: int = _f(0, "seeds everything, and the DistributedSampler")
+    seed: int = _f(0, "seeds everything: weights, epoch order, per-rank streams, dataset reads")
     # outputs, checkpoints, resume
     output_dir: str | None = _f(None, "run directory (default runs/<dataset>-<model>-<timestamp>)")
     save_every_steps: int = _f(0, "checkpoint every N optimizer steps (0: epoch ends only)")
@@ -152,16 +157,19 @@ def convert(name: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
             raise UsageError(f"{flag} must be an integer, got {value!r}")
         try:
-            return int(value) if not isinstance(value, str) else int(value.strip(), 10)
+            out = int(value) if not isinstance(value, str) else int(value.strip(), 10)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"{flag} must be an integer, got {value!r}") from None
+            raise UsageError(f"{flag} must be an integer, got {_short(value)}") from None
+        if abs(out) >= 10**30:  # (each field's own range is checked in validate())
+            raise UsageError(f"{flag} must be an integer below 10**30, got {_short(value)}")
+        return out
     if tp is float:
         if isinstance(value, bool):
             raise UsageError(f"{flag} must be a number, got {value!r}")
         try:
             out = float(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{flag} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"{flag} must be a number, got {_short(value)}") from None
         if not math.isfinite(out):
             raise UsageError(f"{flag} must be a finite number, got {value!r}")
         return out
@@ -172,13 +180,36 @@ def convert(name: str, value: Any, source: str) -> Any:
             except json.JSONDecodeError as e:
                 raise UsageError(f"{flag} must be a JSON object, got {value!r} ({e.msg})") from None
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise UsageError(f"{flag} must be a JSON object / mapping, got {value!r}")
-        return value
+            raise UsageError(f"{flag} must be a JSON object / mapping, got {_short(value)}")
+        return _bounded_kwargs(value, flag)
     if tp is str:
         if isinstance(value, (dict, list, bool)):
             raise UsageError(f"{flag} must be a string, got {value!r}")
         return str(value)
     raise AssertionError(f"unhandled type {tp} for {name}")
+
+
+def _short(value: Any, n: int = 60) -> str:
+    """repr(value), cut to n characters (a 5,000-digit number must not become the whole error line)."""
+    r = repr(value)
+    if len(r) <= n:
+        return r
+    return f"a {type(value).__name__}" if isinstance(value, (dict, list)) else f"{r[:n]}... ({len(r)} characters)"
+
+
+def _bounded_kwargs(value: dict, flag: str) -> dict:
+    """A *-kwargs mapping as a plain JSON tree within the caps a checkpoint reader applies: aliased YAML
+    values are copied out (no sharing), and at most safe_io.MAX_CONFIG_NODES values / MAX_KWARGS_BYTES."""
+    from disttrain.safe_io import MAX_CONFIG_NODES, MAX_DEPTH, check_tree
+
+    check_tree(value, flag, MAX_DEPTH - 4, MAX_CONFIG_NODES)  # (a checkpoint nests the config 2 levels down)
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{flag} must hold JSON values only ({one_line(e)[:100]})") from None
+    if len(text) > MAX_KWARGS_BYTES:
+        raise UsageError(f"{flag} is {len(text):,} bytes of JSON, more than the {MAX_KWARGS_BYTES:,} allowed")
+    return json.loads(text)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,16 +235,19 @@ def build_parser(prog: str = "python -m disttrain.train") -> argparse.ArgumentPa
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    """Read a --config file safely (yaml.safe_load: no Python objects) as a mapping."""
-    import yaml
+    """Read a --config file safely as a mapping: plain data only, no duplicate keys, at most 1 MiB, few
+    aliases, bounded depth (safe_io.read_yaml)."""
+    from disttrain.safe_io import UnsafeInput, read_yaml
 
     p = Path(path)
-    if not p.is_file():
+    if not (p.exists() or p.is_symlink()) or (p.is_dir() and not p.is_symlink()):
         raise UsageError(f"--config {path}: {'not a file' if p.exists() else 'no such file'}; expected a YAML file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"--config {path}: not valid YAML ({one_line(e)})") from None
+        data = read_yaml(p)
+    except UnsafeInput as e:
+        raise UsageError(f"--config {one_line(e)}") from None
+    except OSError as e:
+        raise UsageError(f"--config {path}: unreadable ({e.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -305,6 +339,8 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0)),
            "--nesterov needs --optimizer sgd with --momentum > 0")
     _check(cfg.seed < 2**32, f"--seed must be < 2**32, got {cfg.seed}")
+    _check(cfg.dist_timeout <= MAX_DIST_TIMEOUT, f"--dist-timeout must be at most {MAX_DIST_TIMEOUT} seconds (7 days), "
+                                                 f"got {cfg.dist_timeout}")
     _check(cfg.label_smoothing == 0 or cfg.loss in (None, "cross_entropy"),
            f"--label-smoothing {cfg.label_smoothing} needs the cross_entropy loss, got --loss {cfg.loss}")
     r = cfg.resume
@@ -336,6 +372,10 @@ def _validate_scheduler_kwargs(cfg: Config) -> None:
     for k, v in cfg.scheduler_kwargs.items():
         _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                f"--scheduler-kwargs {k}={v!r} must be a positive number")
+    if "step_size" in cfg.scheduler_kwargs:
+        v = cfg.scheduler_kwargs["step_size"]
+        _check(isinstance(v, int) or float(v).is_integer(), f"--scheduler-kwargs step_size={v!r} must be a whole "
+                                                            "number of optimizer steps (>= 1)")
     if "pct_start" in cfg.scheduler_kwargs:
         _check(cfg.scheduler_kwargs["pct_start"] < 1, "--scheduler-kwargs pct_start must be < 1")
 

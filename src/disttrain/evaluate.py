@@ -7,7 +7,6 @@ the sums are all-reduced, so the result is the same on any world size.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from disttrain.distributed import sync_buffers
-from disttrain.errors import EXIT_USAGE, UsageError, one_line
+from disttrain.errors import EXIT_USAGE, UsageError, cut
 
 
 def evaluate(model: Any, data: Any, loss_fn: Any, acc: Any, split: str, prefix: str = "eval",
@@ -66,19 +65,30 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _saved_config(ckpt_dir: Path, meta_dir: Path) -> dict[str, Any]:
-    import yaml
+    """The run's config: its config.yaml (safe_io.read_yaml: plain data, bounded), else the checkpoint's
+    state.json (schema-checked by checkpoint.load_checkpoint). A mapping, or UsageError naming the file."""
+    from disttrain.checkpoint import MAX_JSON_BYTES
+    from disttrain.safe_io import read_json, read_yaml
 
     for d in (meta_dir, meta_dir.parent.parent):  # run dir, or a checkpoint's run dir
-        if (d / "config.yaml").is_file():
-            return yaml.safe_load((d / "config.yaml").read_text()) or {}
+        f = d / "config.yaml"
+        if f.exists() or f.is_symlink():
+            data = read_yaml(f)
+            if data is not None and not isinstance(data, dict):
+                raise UsageError(f"{f}: must be a mapping of keys to values, got {type(data).__name__}")
+            return data or {}
     state = ckpt_dir / "state.json"
-    if state.is_file():
-        return json.loads(state.read_text())["config"]
+    if state.exists() or state.is_symlink():
+        st = read_json(state, MAX_JSON_BYTES)
+        if not isinstance(st, dict) or not isinstance(st.get("config"), dict):
+            raise UsageError(f"{state}: has no config mapping")
+        return st["config"]
     raise UsageError(f"--checkpoint {ckpt_dir}: no config.yaml beside it; cannot rebuild the data")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from disttrain import checkpoint as ckpt
+    from disttrain import schema
     from disttrain.config import PLUGIN_RE, from_saved
     from disttrain.data import load_data
     from disttrain.models import build_model
@@ -104,10 +114,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision or "no")
     data = load_data(cfg, acc)
     model = build_model(cfg.model, cfg.model_kwargs, data.spec).to(acc.device)
-    missing = set(model.state_dict()) ^ set(sd)
-    if missing:
-        raise UsageError(f"--checkpoint {args.checkpoint}: weights do not fit --model {cfg.model} "
-                         f"(keys differ: {sorted(missing)[:3]})")
+    schema.check_weights_fit(model, sd, f"--checkpoint {args.checkpoint}")
     model.load_state_dict(sd)
     if meta and meta.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -142,15 +149,22 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from disttrain.predict import check_json_target
+    from disttrain.safe_io import write_json
+
     try:
         args = _parser().parse_args(argv)
+        check_json_target(args.json)
         res = run_evaluate(args)
+        print(format_report(res))
+        if args.json:
+            write_json(Path(args.json), res)
     except UsageError as e:
-        print(f"disttrain.evaluate: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain.evaluate: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
-    print(format_report(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    except OSError as e:
+        print(f"disttrain.evaluate: error: I/O error: {cut(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

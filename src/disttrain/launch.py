@@ -25,7 +25,6 @@ Without `--`, every argument is a disttrain.train flag.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -37,11 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from disttrain.config import default_output_dir, parse_config
-from disttrain.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, one_line
+from disttrain.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, cut, one_line
 from disttrain.recovery import (FAILURE_FILE_ENV, RESTART_ENV, Outcome, Progress, judge, read_failure, restart_env,
                                 restart_flags)
+from disttrain.safe_io import MAX_SMALL, read_json, read_text, write_atomic
+from disttrain.signals import SignalTally
 
 PROG = "disttrain-launch"
+ERROR_FILE_ENV = "DISTTRAIN_ERROR_FILE"  # set for the trainer: where it leaves a refusal line for us
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -91,6 +93,7 @@ class Forwarder:
         self.child: subprocess.Popen[bytes] | None = None  # set right after the start: a signal before it
         self.sigints, self.resend_at = 0, 0.0             # is only recorded, then sent on by start()
         self.received: str | None = None
+        self.tally = SignalTally()  # entered by main() around the handlers
 
     def start(self, cmd: list[str], env: dict[str, str]) -> None:
         self.child = subprocess.Popen(cmd, start_new_session=True, env=env)  # own session: we choose its signals
@@ -113,7 +116,7 @@ class Forwarder:
         first = self.received is None
         self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:
-            self.sigints += 1
+            self.sigints = self.tally.count(signum)  # exact: two Ctrl-C before this handler ran count as two
             if self.sigints == 2:  # the user insists: abort without a checkpoint (the trainer's 2nd SIGINT)
                 self._kill(signal.SIGINT)
                 self.resend_at = time.monotonic() + 0.3
@@ -141,14 +144,31 @@ def read_status(path: Path, since: float, wait_s: float = 0.0) -> dict[str, Any]
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            status = json.loads(path.read_text())
+            status = read_json(path, MAX_SMALL)
             if isinstance(status, dict) and float(status.get("time", 0)) >= since:
                 return status
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             pass
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.2)
+
+
+def report_refusal(line: str) -> None:
+    """Trainer side: leave our one-line usage error for the launcher that started us (if one did)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if path:
+        try:
+            write_atomic(Path(path), line.encode())
+        except (OSError, UsageError):
+            pass
+
+
+def _read_refusal(path: Path) -> str | None:
+    try:
+        return one_line(read_text(path, 64 << 10)) or None
+    except (OSError, UsageError):
+        return None
 
 
 def check(flags: list[str]) -> int:
@@ -156,7 +176,7 @@ def check(flags: list[str]) -> int:
     try:
         parse_config(flags, prog=PROG)
     except UsageError as e:
-        print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 
@@ -194,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         max_restarts, acc_opts = take_max_restarts(acc_opts)
     except UsageError as e:
-        print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
     if check(flags):
         return EXIT_USAGE
@@ -208,39 +228,45 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")  # torchrun --signals_to_handle
     env.pop(RESTART_ENV, None)
-    tmp = tempfile.mkdtemp(prefix="disttrain-launch-")  # the agent's record of a failed worker comes back here
-    failure_file = Path(tmp) / "failure.json"
-    env[FAILURE_FILE_ENV] = str(failure_file)
+    tmp = tempfile.mkdtemp(prefix="disttrain-launch-")  # what the attempt leaves for us comes back here:
+    failure_file, refusal_file = Path(tmp) / "failure.json", Path(tmp) / "error"  # a failed worker, bad input
+    env[FAILURE_FILE_ENV], env[ERROR_FILE_ENV] = str(failure_file), str(refusal_file)
     fwd = Forwarder()
-    for s in STOP_SIGNALS:
-        signal.signal(s, fwd.handler)
-    restarts, attempt_flags = 0, flags
-    try:
-        while True:
-            failure_file.unlink(missing_ok=True)
-            cmd = [sys.executable, "-m", "disttrain.recovery", *acc_opts, "-m", "disttrain.train", *attempt_flags]
-            start = time.time() - 1.0  # status.json "time" is a wall clock written by another process
-            fwd.start(cmd, env)
-            rc = fwd.wait()
-            # After a stop request, or on machines other than the first, the main rank (maybe on another
-            # node) may write status.json a moment after our child ended: give it a few seconds.
-            expect = rc != 0 and (fwd.received is not None or not first_machine)
-            status = None if cfg.dry_run else read_status(status_file, start, 5.0 if expect else 0.0)
-            out = judge(rc, status, read_failure(failure_file), fwd.received is not None)
-            if not out.restart or restarts >= max_restarts or fwd.received is not None:
-                break
-            restarts += 1
-            rundir = run_dir(cfg.output_dir)
-            reached = Progress.read(rundir.progress)
-            at = f" (last finished step {reached[0]})" if reached else ""
-            print(f"{PROG}: restart {restarts}/{max_restarts} after {out.cause}{at}; starting the group again "
-                  "from the newest checkpoint", file=sys.stderr)
-            env[RESTART_ENV] = restart_env(restarts, max_restarts, out.cause)
-            attempt_flags = restart_flags(flags, cfg.resume, bool(rundir.step_dirs()))
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        shutil.rmtree(tmp, ignore_errors=True)
+    with fwd.tally:
+        for s in STOP_SIGNALS:
+            signal.signal(s, fwd.handler)
+        restarts, attempt_flags = 0, flags
+        try:
+            while True:
+                failure_file.unlink(missing_ok=True)
+                refusal_file.unlink(missing_ok=True)
+                cmd = [sys.executable, "-m", "disttrain.recovery", *acc_opts, "-m", "disttrain.train", *attempt_flags]
+                start = time.time() - 1.0  # status.json "time" is a wall clock written by another process
+                fwd.start(cmd, env)
+                rc = fwd.wait()
+                refusal = _read_refusal(refusal_file)
+                if refusal is not None:  # the trainer refused its input (exit 2): that line is the story, and last
+                    print(refusal, file=sys.stderr)
+                    return EXIT_USAGE
+                # After a stop request, or on machines other than the first, the main rank (maybe on another
+                # node) may write status.json a moment after our child ended: give it a few seconds.
+                expect = rc != 0 and (fwd.received is not None or not first_machine)
+                status = None if cfg.dry_run else read_status(status_file, start, 5.0 if expect else 0.0)
+                out = judge(rc, status, read_failure(failure_file), fwd.received is not None)
+                if not out.restart or restarts >= max_restarts or fwd.received is not None:
+                    break
+                restarts += 1
+                rundir = run_dir(cfg.output_dir)
+                reached = Progress.read(rundir.progress)
+                at = f" (last finished step {reached[0]})" if reached else ""
+                print(f"{PROG}: restart {restarts}/{max_restarts} after {out.cause}{at}; starting the group again "
+                      "from the newest checkpoint", file=sys.stderr)
+                env[RESTART_ENV] = restart_env(restarts, max_restarts, out.cause)
+                attempt_flags = restart_flags(flags, cfg.resume, bool(rundir.step_dirs()))
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            shutil.rmtree(tmp, ignore_errors=True)
     if out.restart:
         return give_up(run_dir(cfg.output_dir), out, restarts, max_restarts, write=first_machine and not cfg.dry_run)
     if status is not None and isinstance(status.get("exit_code"), int):

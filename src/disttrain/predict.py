@@ -14,14 +14,17 @@ imported only with `--trust-plugins` or an explicit `--model`.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from disttrain.errors import EXIT_USAGE, UsageError, one_line
+from disttrain.errors import EXIT_USAGE, UsageError, cut
+from disttrain.safe_io import check_entry, open_regular, write_json
+
+MAX_IMAGE_BYTES = 64 << 20
 
 MODES = {1: "L", 3: "RGB"}
 
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
 def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
     """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint."""
     from disttrain import checkpoint as ckpt
+    from disttrain import schema
     from disttrain.config import PLUGIN_RE
     from disttrain.data import DataSpec
     from disttrain.models import build_model
@@ -63,10 +67,7 @@ def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = 
         raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, not "
                          "1- or 3-channel images [C, H, W]")
     net = build_model(name, meta.get("model_kwargs") or {}, spec)
-    missing = set(net.state_dict()) ^ set(sd)
-    if missing:
-        raise UsageError(f"--checkpoint {checkpoint}: weights do not fit --model {name} "
-                         f"(keys differ: {sorted(missing)[:3]})")
+    schema.check_weights_fit(net, sd, f"--checkpoint {checkpoint}")
     net.load_state_dict(sd)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net.to(device).eval()
@@ -74,19 +75,32 @@ def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = 
 
 
 def read_image(path: str | Path, input_shape: list[int]) -> torch.Tensor:
-    """An image file as a uint8 tensor [C, H, W] of the model's channels and size."""
+    """An image file as a uint8 tensor [C, H, W] of the model's channels and size. A regular file only
+    (never a link or a FIFO), at most MAX_IMAGE_BYTES, and at most schema.MAX_IMAGE_PIXELS pixels by its
+    header, checked before anything is decoded (a 68-byte PNG may claim 20000x20000)."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
+    from disttrain.schema import MAX_IMAGE_PIXELS
+
     c, h, w = input_shape
     try:
-        with Image.open(path) as img:
+        fd = open_regular(path)
+        with os.fdopen(fd, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_IMAGE_BYTES:
+                raise UsageError(f"{path}: larger than {MAX_IMAGE_BYTES >> 20} MiB; not read")
+            img = Image.open(f)
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise UsageError(f"{path}: {img.width}x{img.height} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                                 "disttrain decodes (a decompression bomb?)")
             img = img.convert(MODES[c])
             if img.size != (w, h):
                 img = img.resize((w, h), Image.Resampling.BILINEAR)
             a = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise UsageError(f"{path}: not a readable image ({one_line(e)})") from None
+    except UsageError:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+        raise UsageError(f"{path}: not a readable image ({cut(e, 300)})") from None
     t = torch.from_numpy(a.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
@@ -102,14 +116,26 @@ def preprocess(images: torch.Tensor, spec: Any, device: torch.device) -> torch.T
 
 
 def predict(net: Any, spec: Any, files: list[str], top_k: int = 1, batch_size: int = 256,
-            meta: dict | None = None) -> list[dict[str, Any]]:
+            meta: dict | None = None, errors: list[str] | None = None) -> list[dict[str, Any]]:
+    """Predictions for the readable files, in order. An unreadable file raises UsageError, or, when
+    `errors` is a list, is skipped and its one-line reason appended there."""
     device = next(net.parameters()).device
     names = spec.classes or [str(i) for i in range(spec.num_outputs)]
     k = max(1, min(top_k, spec.num_outputs))
     out: list[dict[str, Any]] = []
     for i in range(0, len(files), batch_size):
-        chunk = files[i:i + batch_size]
-        x = preprocess(torch.stack([read_image(f, spec.input_shape) for f in chunk]), spec, device)
+        chunk, images = [], []
+        for f in files[i:i + batch_size]:
+            try:
+                images.append(read_image(f, spec.input_shape))
+                chunk.append(f)
+            except UsageError as e:
+                if errors is None:
+                    raise
+                errors.append(cut(e))
+        if not chunk:
+            continue
+        x = preprocess(torch.stack(images), spec, device)
         if meta and meta.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
@@ -131,20 +157,39 @@ def format_predictions(preds: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0; 2 for bad input, also when some FILEs were unreadable (one line each on stderr; the others
+    are still predicted and printed)."""
+    errors: list[str] = []
     try:
         args = _parser().parse_args(argv)
         if args.top_k < 1 or args.batch_size < 1:
             raise UsageError("--top-k and --batch-size must be >= 1")
+        check_json_target(args.json)
         net, spec, meta = load_model(args.checkpoint, args.model, args.trust_plugins)
-        preds = predict(net, spec, args.files, args.top_k, args.batch_size, meta)
+        preds = predict(net, spec, args.files, args.top_k, args.batch_size, meta, errors)
+        if preds:
+            print(format_predictions(preds))
+        if args.json:
+            write_json(Path(args.json), {"checkpoint": str(args.checkpoint), "predictions": preds, "errors": errors})
     except UsageError as e:
-        print(f"disttrain.predict: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain.predict: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
-    print(format_predictions(preds))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "predictions": preds},
-                                              indent=1) + "\n")
-    return 0
+    except OSError as e:
+        print(f"disttrain.predict: error: I/O error: {cut(e)}", file=sys.stderr)
+        return 1
+    for e in errors:
+        print(f"disttrain.predict: error: {e}", file=sys.stderr)
+    return EXIT_USAGE if errors else 0
+
+
+def check_json_target(path: str | None) -> None:
+    """--json PATH: its folder exists and PATH is not a link nor a folder, checked before any work."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise UsageError(f"--json {path}: the folder {p.parent} does not exist")
+    check_entry(p, "file")
 
 
 if __name__ == "__main__":

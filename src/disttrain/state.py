@@ -94,8 +94,8 @@ def resume_config(cfg: Config) -> tuple[Config, str | None]:
         run, checkpoint = ckpt.run_dir_of(cfg.resume)
         if cfg.output_dir is None and run is not None:  # (an explicit --output-dir wins)
             cfg.output_dir = str(run)
-    saved_file = ckpt.RunDir(run).config if run is not None else None
-    if saved_file is not None and saved_file.is_file():
+    saved_file = ckpt.RunDir(run).config if run is not None and ckpt.RunDir(run).is_run() else None
+    if saved_file is not None and saved_file.is_file():  # (a folder that is not a run: train refuses it)
         try:
             saved = load_yaml(str(saved_file))
         except UsageError as e:

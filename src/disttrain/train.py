@@ -21,14 +21,16 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from disttrain import checkpoint as ckpt
+from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, find_unused_parameters, is_launched,
-                                   make_accelerator, plain_module, resolve_precision, say, set_threads, shutdown,
-                                   share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, find_unused_parameters,
+                                   is_launched, make_accelerator, plain_module, resolve_precision, say, set_threads,
+                                   shutdown, share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
-                              one_line)
+                              cut, one_line)
 from disttrain.evaluate import evaluate
+from disttrain.launch import report_refusal
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
@@ -307,6 +309,7 @@ def _bar_active(r: Run) -> bool:
 
 def _resume_source(cfg: Config, rundir: ckpt.RunDir) -> ckpt.Path | None:
     """Which checkpoint to resume from, or None for a fresh start; refuses what would lose work."""
+    _check_output_dir(cfg, rundir)
     if cfg.resume == "none":
         if rundir.has_history() and not cfg.overwrite:
             raise UsageError(f"--output-dir {rundir.path} already holds a run; use --resume auto to continue it "
@@ -320,6 +323,42 @@ def _resume_source(cfg: Config, rundir: ckpt.RunDir) -> ckpt.Path | None:
             print(f"disttrain: warning: skipping bad checkpoint: {why}", file=sys.stderr)
         return good
     return ckpt.resolve_checkpoint(cfg.resume)
+
+
+def _check_output_dir(cfg: Config, rundir: ckpt.RunDir) -> None:
+    """The output directory is new, empty, or a disttrain run (never a folder of the user's own files:
+    config.yaml, status.json... would be replaced); --overwrite finds only what disttrain wrote; a
+    checkpoint of another run is never resumed into a directory that holds a run (docs/security.md)."""
+    entries = rundir.entries()
+    if entries and not rundir.is_run():
+        raise UsageError(f"--output-dir {rundir.path}: not empty and not a disttrain run (holds "
+                         f"{', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); choose a new or empty directory")
+    if cfg.overwrite:
+        foreign = rundir.foreign_entries()
+        if foreign:
+            raise UsageError(f"--overwrite: {rundir.path} holds files disttrain did not write ({', '.join(foreign[:4])}"
+                             f"{', ...' if len(foreign) > 4 else ''}); move them away or choose another --output-dir")
+    if cfg.resume not in ("auto", "none") and rundir.has_history():
+        src = ckpt.Path(cfg.resume).resolve()
+        home = next((p.parent for p in (src, *src.parents) if p.name == "checkpoints"), None)
+        if home is None or home.resolve() != rundir.path.resolve():
+            raise UsageError(f"--resume {cfg.resume}: the checkpoint belongs to another run, and --output-dir "
+                             f"{rundir.path} already holds a run; resume into that checkpoint's own run directory "
+                             "or a new one")
+
+
+def _claim(acc: Any, rundir: ckpt.RunDir) -> None:
+    """Lock first, then decide: the main process refuses links in the run directory and takes its lock
+    (waiting for a killed run's orphaned workers to finish saving); every rank learns if that failed."""
+    err: UsageError | None = None
+    if acc.is_main_process:
+        try:
+            rundir.check_layout()
+            rundir.lock()
+        except UsageError as e:
+            err = e
+    if Sync(acc).any(err is not None):
+        raise err or UsageError(f"--output-dir {rundir.path}: the main process could not lock it")
 
 
 def _check_resume(cfg: Config, saved: dict[str, Any], world: int) -> None:
@@ -349,9 +388,20 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     rundir = ckpt.RunDir(cfg.output_dir)
     if resume_note:
         say(acc, resume_note)
-    if acc.is_main_process:
-        rundir.wait_unlocked()  # a killed run's orphaned workers may still be saving; never read under them
-    acc.wait_for_everyone()
+    _claim(acc, rundir)  # (a killed run's orphaned workers may still be saving: never read under them)
+    try:
+        run = _setup_run(cfg, stop, acc, rundir, threads, started)
+    except BaseException:
+        rundir.abandon()  # refused before anything was written: leave no lock file nor directory behind
+        raise
+    if run is None:
+        rundir.abandon()
+    return run
+
+
+def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, threads: int,
+               started: float) -> Run | None:
+    """setup() with the run directory locked."""
     source = _resume_source(cfg, rundir)
     saved = ckpt.load_checkpoint(source) if source is not None else None
     if saved is not None:
@@ -370,7 +420,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
         raise UsageError("--sync-batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); "
                          "batch-norm statistics stay per process")
     unused, channels_last = _preflight(acc, model, loss_fn, data, name, channels_last)
-    find_unused_parameters(acc, unused)
+    find_unused_parameters(acc, unused, cfg.find_unused_parameters)
     seed_rank_streams(cfg.seed, acc.process_index)  # training draws (dropout) differ per rank from here on
     if cfg.init_from:
         load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
@@ -378,6 +428,8 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     scheduler = build_scheduler(cfg, optimizer, total)
+    if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
+        schema.check_resume_fits(saved, model, optimizer, scheduler, source)
     say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
@@ -391,7 +443,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     previous = Progress.read(rundir.progress) if acc.is_main_process else None  # a failed attempt's last step
     # ---- from here on we write into the run directory
     if acc.is_main_process:
-        rundir.lock()
+        rundir.claim()
         ckpt.clean_partial(rundir)
         if cfg.overwrite:
             rundir.clear()
@@ -501,7 +553,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except UsageError as e:
         if rank == 0 or not is_launched():
-            print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+            print(f"disttrain: error: {cut(e)}", file=sys.stderr)
+            report_refusal(f"disttrain: error: {cut(e)}")  # disttrain.launch prints it last, exit 2
         return EXIT_USAGE
     except Interrupted as e:
         msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
@@ -510,12 +563,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"disttrain: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingError as e:
-        _write_status(r, "failed", EXIT_FAILURE, one_line(e), e.restartable)
-        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
+        _write_status(r, "failed", EXIT_FAILURE, cut(e), e.restartable)
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {cut(e)}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as e:  # e.g. disk full while writing metrics or the final model: one line, exit 1
-        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
-        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {one_line(e)}",
+    except RuntimeError as e:
+        if UNUSED_HINT not in str(e):
+            raise
+        msg = (f"a parameter got no gradient at step {r.pos.step + 1 if r else '?'} although the pre-flight batch "
+               "used it (a model that skips parameters on some steps); rerun with --find-unused-parameters")
+        _write_status(r, "failed", EXIT_FAILURE, msg)
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {msg}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:  # e.g. disk full while writing metrics: one line, exit 1
+        _write_status(r, "failed", EXIT_FAILURE, cut(e))
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {cut(e)}",
               file=sys.stderr)
         return EXIT_FAILURE
     finally:
