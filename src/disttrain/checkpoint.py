@@ -130,6 +130,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    """The process umask, read without changing it (Linux /proc; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file the mode a plain open() would have (0666 minus the umask): safetensors writes 0600."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write, fsync, rename: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -163,6 +181,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    apply_umask(path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -436,6 +455,7 @@ def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[st
     tmp = run.path / f".model.safetensors.tmp{os.getpid()}"
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp),
               metadata={"format": "pt", "disttrain": json.dumps({"model": meta.get("model")})})
+    apply_umask(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     write_json(run.model_meta, meta)

@@ -32,6 +32,10 @@ AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# --dataset PREFIX:PATH reads the user's own files (data/images.py, tables.py, hf.py); these prefixes are
+# taken before plug-ins, so a plug-in module cannot be named like one of them
+FILE_DATASETS = ("imagefolder:", "csv:", "parquet:", "hf:")
+TASKS = ("auto", "classification", "regression")
 
 # Keys a resume may change: run length, cadence, logging and where things live.
 RESUMABLE_KEYS = frozenset({
@@ -40,6 +44,11 @@ RESUMABLE_KEYS = frozenset({
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
     "shm_allreduce",
 })
+
+
+def is_plugin(value: str) -> bool:
+    """`module:function` (user code), as opposed to a built-in name or a PREFIX:PATH of the user's files."""
+    return bool(PLUGIN_RE.match(value)) and not value.startswith(FILE_DATASETS)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -56,12 +65,19 @@ class Config:
 
     config: str | None = _f(None, "YAML file of the same keys (snake_case)")
     # data
-    dataset: str = _f("fashion_mnist", f"built-in {DATASETS} or module:function")
+    dataset: str = _f("fashion_mnist", f"built-in {', '.join(DATASETS)}; your files: "
+                                       "imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH; or module:function")
     dataset_kwargs: dict = _f({}, "JSON object of keyword arguments for the dataset factory")
     data_dir: str = _f("./data", "where datasets live")
     val_fraction: float = _f(0.0, "deterministic hold-out of the training set for validation")
     augment: str = _f("none", "batch-wise augmentation for image datasets", choices=AUGMENTS)
     num_workers: int | None = _f(None, "DataLoader workers for non-tensor datasets (auto)")
+    image_size: str | None = _f(None, "imagefolder/hf images: resize to N or HxW pixels (default: the first "
+                                      "training image's size)")
+    target: str | None = _f(None, "csv/parquet/hf: the column to predict (hf default: label)")
+    features: str | None = _f(None, "csv/parquet/hf: comma-separated input columns (default: all but the target)")
+    task: str = _f("auto", "csv/parquet/hf: classification or regression (auto: from the target column)",
+                   choices=TASKS)
     # model
     model: str = _f("cnn", f"built-in {MODELS} or module:function")
     model_kwargs: dict = _f({}, "JSON object of keyword arguments for the model factory")
@@ -250,11 +266,13 @@ def validate(cfg: Config) -> None:
     for name in ("dataset", "model"):
         v = getattr(cfg, name)
         builtin = DATASETS if name == "dataset" else MODELS
-        _check(v in builtin or bool(PLUGIN_RE.match(v)),
-               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)} or module:function")
+        files = name == "dataset" and v.startswith(FILE_DATASETS) and len(v.partition(":")[2]) > 0
+        _check(v in builtin or files or bool(PLUGIN_RE.match(v)),
+               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)}, "
+               f"{'imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH ' if name == 'dataset' else ''}or module:function")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
-                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",))):
+                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("task", TASKS)):
         v = getattr(cfg, name)
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")
@@ -292,8 +310,31 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.sync_batchnorm and cfg.compile), "--sync-batchnorm with --compile is not supported")
     _check(cfg.log_with != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
            "--log-with tensorboard: the tensorboard package is not installed; pip install 'disttrain[tensorboard]'")
+    _validate_file_dataset(cfg)
     _validate_scheduler_kwargs(cfg)
     _validate_output_dir(cfg)
+
+
+def _validate_file_dataset(cfg: Config) -> None:
+    """--image-size, --target, --features, --task belong to the datasets read from the user's files."""
+    family = cfg.dataset.partition(":")[0] + ":" if cfg.dataset.startswith(FILE_DATASETS) else ""
+    for name, families in (("image_size", ("imagefolder:", "hf:")), ("target", ("csv:", "parquet:", "hf:")),
+                           ("features", ("csv:", "parquet:", "hf:"))):
+        _check(getattr(cfg, name) is None or family in families,
+               f"--{name.replace('_', '-')} applies to --dataset {' or '.join(f + '...' for f in families)}, "
+               f"not {cfg.dataset}")
+    _check(cfg.task == "auto" or family in ("csv:", "parquet:", "hf:"),
+           f"--task applies to --dataset csv:..., parquet:... or hf:..., not {cfg.dataset}")
+    if cfg.image_size is not None:
+        from disttrain.data.images import parse_size
+
+        parse_size(cfg.image_size)
+    if cfg.features is not None:
+        cols = [c.strip() for c in cfg.features.split(",")]
+        _check(all(cols) and len(set(cols)) == len(cols),
+               f"--features {cfg.features!r}: expected distinct comma-separated column names")
+    _check(family not in ("csv:", "parquet:") or bool(cfg.target),
+           f"--dataset {cfg.dataset} needs --target COLUMN (the column to predict)")
 
 
 def _validate_scheduler_kwargs(cfg: Config) -> None:
