@@ -146,11 +146,11 @@ def load_data(cfg: Config, accelerator: Any, spec: DataSpec | None = None) -> Da
             fn = import_plugin(name, "--dataset")
         with accelerator.local_main_process_first():
             train, test = _dataset_from_factory(cfg, fn)
-        train, test = _as_array_dataset(train), _as_array_dataset(test)
+        raw_train, (train, test) = train, (_as_array_dataset(train), _as_array_dataset(test))
         task, n_out, tshape = _target_info(train)
-        n_out = max(n_out, len(getattr(train, "classes", None) or [])) if task == "classification" else n_out
-        x0 = torch.as_tensor(train[0][0])
-        spec = DataSpec(task, list(x0.shape), n_out, tshape, _declared_classes(train, name, task, n_out))
+        classes = _declared_classes(raw_train, name, task, n_out)
+        n_out = max(n_out, len(classes)) if classes else n_out
+        spec = DataSpec(task, list(torch.as_tensor(train[0][0]).shape), n_out, tshape, classes)
         if task == "classification" and n_out < 2:
             raise UsageError(f"--dataset {name}: classification targets need at least 2 classes, got {n_out}")
     if cfg.augment != "none" and not (isinstance(train, ArrayDataset) and len(spec.input_shape) == 3):

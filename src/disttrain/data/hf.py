@@ -35,6 +35,7 @@ def open_dataset(path: str) -> dict[str, Any]:
     except ImportError:
         raise UsageError("--dataset hf: needs the datasets package: pip install 'disttrain[data]'") from None
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never the hub: a path only
+    datasets.disable_progress_bars()
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--dataset {PREFIX}{path}: no such file or directory")

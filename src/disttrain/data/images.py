@@ -65,7 +65,7 @@ def decode_bytes(data: bytes | None, name: str | None, channels: int | None = No
                  size: tuple[int, int] | None = None) -> torch.Tensor:
     """decode() for the bytes of an image file (`name` only for messages)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2.functional import resize
 
     if not data:
@@ -82,6 +82,8 @@ def decode_bytes(data: bytes | None, name: str | None, channels: int | None = No
             a = np.asarray(im.convert(mode), dtype=np.uint8)  # decodes; RGBA/LA lose alpha, P/CMYK become RGB
     except ImageError:
         raise
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image (not an image format Pillow knows, or corrupt)") from None
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a bad file
         raise ImageError(f"not a readable image ({type(e).__name__}: {one_line(e)[:160]})") from None
     img = torch.from_numpy(a.copy())
