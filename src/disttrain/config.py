@@ -152,6 +152,10 @@ def convert(name: str, value: Any, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, or raise UsageError naming it."""
     tp, optional = _base_type(name)
     flag = f"--{name.replace('_', '-')}" if source == "flag" else f"{name!r} in {source}"
+    if source != "flag" and isinstance(value, str) and tp in (int, float, bool) and \
+            not (optional and value.lower() in ("none", "null")):
+        kind = {int: "an integer", float: "a number", bool: "true or false"}[tp]
+        raise UsageError(f"{flag} must be {kind}, got the string {value!r} (YAML: write the value without quotes)")
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -197,24 +201,81 @@ def convert(name: str, value: Any, source: str) -> Any:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + exits; we want one line
-        if message.startswith(("unrecognized arguments", "argument ")):
+        if message.startswith("unrecognized arguments"):
+            hints = [f"{a} (did you mean --{m.replace('_', '-')}?)" for a in message.split(":", 1)[1].split()
+                     if a.startswith("--") and (m := suggest(a.split("=", 1)[0])) and m in FIELDS]
+            message += ("; " + ", ".join(hints) if hints else "") + "; see --help for the flags and what they take"
+        elif message.startswith("argument "):
             message += "; see --help for the flags and what they take"
         raise UsageError(message)
 
 
 def build_parser(prog: str = "python -m disttrain.train") -> argparse.ArgumentParser:
     """Flags generated from the dataclass; defaults suppressed so only given flags override YAML."""
-    p = _Parser(prog=prog, description="disttrain: the plain PyTorch loop, distributed.",
+    p = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [FLAGS]",
+                description="disttrain: the plain PyTorch loop, distributed. Every flag is also a key of the "
+                            "--config YAML file (snake_case); flags win over the file.",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, f in FIELDS.items():
         tp, _ = _base_type(name)
         flag = "--" + name.replace("_", "-")
-        help = f.metadata["help"] + f" (default: {f.default if f.default is not dataclasses.MISSING else '{}'})"
+        help, choices = f.metadata["help"], f.metadata.get("choices")
+        default = {} if f.default is dataclasses.MISSING else f.default
+        if "default" not in help and default is not None:  # (a help text that explains its default says it once)
+            help += f" (default: {'on' if default is True else 'off' if default is False else default})"
         if tp is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:
-            p.add_argument(flag, dest=name, metavar=name.upper(), help=help)
+            p.add_argument(flag, dest=name, metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+                           help=help)
     return p
+
+
+def _yaml_loader() -> Any:
+    """yaml.SafeLoader that also reads 1e-3 as a float: YAML 1.1 (PyYAML) wants a dot (1.0e-3) and would
+    otherwise give the string "1e-3", which a number field refuses (quoted values are strings)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
+_Loader = _yaml_loader()
+
+# Names people bring from other trainers (Hugging Face Trainer, Lightning, timm, argparse examples): a key or
+# flag that is close to one of these gets "did you mean <ours>?" (difflib alone cannot tie learnig_rate to lr)
+SYNONYMS = {
+    "learning_rate": "lr", "learningrate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "num_train_epochs": "epochs", "max_epochs": "epochs", "batch": "batch_size", "bs": "batch_size",
+    "train_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "accumulate_grad_batches": "grad_accum", "accumulation_steps": "grad_accum", "wd": "weight_decay",
+    "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    "gradient_clip_val": "max_grad_norm", "precision": "mixed_precision", "fp16": "mixed_precision",
+    "bf16": "mixed_precision", "workers": "num_workers", "output": "output_dir", "out_dir": "output_dir",
+    "logging_steps": "log_every", "log_interval": "log_every", "save_steps": "save_every_steps",
+    "save_total_limit": "keep_last", "resume_from_checkpoint": "resume", "val_split": "val_fraction",
+    "validation_split": "val_fraction", "label": "target", "label_column": "target", "target_column": "target",
+    "img_size": "image_size", "input_size": "image_size", "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler", "optim": "optimizer", "arch": "model", "data": "dataset",
+}
+
+
+def suggest(name: str) -> str | None:
+    """The field a mistyped or foreign key/flag most likely means (snake_case), or None."""
+    import difflib
+
+    key = str(name).lstrip("-").replace("-", "_").lower()
+    fields = [f for f in FIELDS if f != "config"]
+    if key in SYNONYMS:
+        return SYNONYMS[key]
+    m = difflib.get_close_matches(key, fields + list(SYNONYMS), n=1, cutoff=0.75)
+    return SYNONYMS.get(m[0], m[0]) if m else None
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -225,7 +286,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not p.is_file():
         raise UsageError(f"--config {path}: {'not a file' if p.exists() else 'no such file'}; expected a YAML file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise UsageError(f"--config {path}: not valid YAML ({one_line(e)})") from None
     if data is None:
@@ -234,10 +295,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: must be a mapping of keys to values, got {type(data).__name__}")
     unknown = [k for k in data if k not in FIELDS or k == "config"]
     if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k).replace("-", "_"),
-                 [f for f in FIELDS if f != "config"], n=1)) else str(k) for k in unknown]
+        hints = [f"{k} (did you mean {m}?)" if (m := suggest(k)) else str(k) for k in unknown]
         raise UsageError(f"--config {path}: unknown key(s) {', '.join(hints)}; keys are the flags in snake_case")
     return data
 

@@ -78,6 +78,12 @@ class Run:
     model_meta: dict[str, Any]
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
+    bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
+
+    @property
+    def epochs(self) -> int:
+        """Epochs this run will reach: --max-steps may end it inside an earlier one (console lines)."""
+        return min(self.cfg.epochs, -(-self.total_steps // max(1, self.data.steps_per_epoch())))
 
 
 class Meter:
@@ -126,7 +132,7 @@ def train(r: Run) -> None:
     while pos.epoch < cfg.epochs and pos.step < r.total_steps:
         meter, t_epoch, r.save_s = Meter(acc.device, data.wait_s), time.perf_counter(), 0.0
         model.train()
-        bar = _progress_bar(r, steps_per_epoch)
+        bar = r.bar = _progress_bar(r, steps_per_epoch)
         for window in data.train_windows(pos.epoch, start=pos.window):
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
@@ -191,7 +197,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
-    say(r.acc, epoch_line(rec, cfg.epochs))
+    say(r.acc, epoch_line(rec, r.epochs))
     if pos.window >= r.data.steps_per_epoch():  # a run cut short by --max-steps stays inside its epoch,
         pos.epoch, pos.window = pos.epoch + 1, 0  # so a resume with a longer run continues it
         pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
@@ -218,7 +224,7 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
-        say(r.acc, step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
+        say(r.acc, step_line(rec["epoch"], r.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
                               rec["lr"], rec["samples_per_sec"], wait))
 
 
@@ -299,7 +305,7 @@ def _progress_bar(r: Run, steps_per_epoch: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.cfg.epochs}",
+    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.epochs}",
                 unit="step", leave=False, dynamic_ncols=True)
 
 
@@ -471,6 +477,13 @@ def finish(r: Run) -> None:
     r.acc.wait_for_everyone()
 
 
+def _close_bar(r: Run | None) -> None:
+    """Clear the progress bar's line, so that the message that follows starts on a line of its own."""
+    if r is not None and r.bar is not None:
+        r.bar.close()
+        r.bar = None
+
+
 def _write_status(r: Run | None, state: str, code: int, reason: str) -> None:
     if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
         try:
@@ -500,16 +513,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
+        _close_bar(r)
         msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
         _write_status(r, "interrupted", EXIT_INTERRUPTED, msg)
         if r is None or r.acc.is_main_process:
             print(f"disttrain: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingError as e:
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, one_line(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # e.g. disk full while writing metrics or the final model: one line, exit 1
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, one_line(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {one_line(e)}",
               file=sys.stderr)
