@@ -202,8 +202,9 @@ def convert(name: str, value: Any, source: str) -> Any:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + exits; we want one line
         if message.startswith("unrecognized arguments"):
+            known = [o[2:].replace("-", "_") for o in self._option_string_actions if o.startswith("--")]
             hints = [f"{a} (did you mean --{m.replace('_', '-')}?)" for a in message.split(":", 1)[1].split()
-                     if a.startswith("--") and (m := suggest(a.split("=", 1)[0])) and m in FIELDS]
+                     if a.startswith("--") and (m := suggest(a.split("=", 1)[0], known))]
             message += ("; " + ", ".join(hints) if hints else "") + "; see --help for the flags and what they take"
         elif message.startswith("argument "):
             message += "; see --help for the flags and what they take"
@@ -266,16 +267,18 @@ SYNONYMS = {
 }
 
 
-def suggest(name: str) -> str | None:
-    """The field a mistyped or foreign key/flag most likely means (snake_case), or None."""
+def suggest(name: str, known: list[str] | None = None) -> str | None:
+    """The key (snake_case) among `known` (default: the Config fields) that a mistyped or foreign key or
+    flag most likely means, or None."""
     import difflib
 
     key = str(name).lstrip("-").replace("-", "_").lower()
-    fields = [f for f in FIELDS if f != "config"]
-    if key in SYNONYMS:
-        return SYNONYMS[key]
-    m = difflib.get_close_matches(key, fields + list(SYNONYMS), n=1, cutoff=0.75)
-    return SYNONYMS.get(m[0], m[0]) if m else None
+    fields = known if known is not None else [f for f in FIELDS if f != "config"]
+    synonyms = {k: v for k, v in SYNONYMS.items() if v in fields}
+    if key in synonyms:
+        return synonyms[key]
+    m = difflib.get_close_matches(key, fields + list(synonyms), n=1, cutoff=0.75)
+    return synonyms.get(m[0], m[0]) if m else None
 
 
 def load_yaml(path: str) -> dict[str, Any]:

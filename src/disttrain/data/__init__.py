@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from disttrain.config import FILE_DATASETS, Config
 from disttrain.data.base import ArrayDataset, DataSpec, holdout_indices, import_plugin, normalize_uint8
 from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset, locate
+from disttrain.data.files import load_files
 from disttrain.data.order import Data, Window, augment_batch
 from disttrain.data.synthetic import synthetic_classification, synthetic_regression
 from disttrain.errors import UsageError, one_line
@@ -93,30 +94,6 @@ def _split_val(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     return Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
 
 
-def _load_files(cfg: Config, spec: DataSpec | None = None) -> tuple[Any, Any, Any, DataSpec, list[str]]:
-    """(train, val, test, spec, warnings) of `--dataset PREFIX:PATH`; with a trained model's `spec`, the
-    whole of PATH is the test set, transformed as that model's training data was (evaluate --dataset)."""
-    from disttrain.data import hf, images, tables
-
-    name, prefix = cfg.dataset, cfg.dataset.partition(":")[0]
-    feats = [c.strip() for c in cfg.features.split(",")] if cfg.features else None
-    kind = {"imagefolder": "image", "csv": "table", "parquet": "table"}.get(prefix)
-    if spec is not None:
-        have = (spec.preprocess or {}).get("kind")
-        if have is None or (kind is not None and kind != have):
-            raise UsageError(f"--dataset {name}: the model was trained on "
-                             f"{'a ' + have + ' dataset' if have else cfg.dataset}, not on files of this kind")
-        test, warnings = (images.load_eval(name[len(images.PREFIX):], Path(cfg.data_dir), spec) if prefix == "imagefolder"
-                          else hf.load_eval(name, spec) if prefix == "hf" else tables.load_eval(name, spec.preprocess))
-        return None, None, test, spec, warnings
-    if prefix == "imagefolder":
-        return images.load_train(name[len(images.PREFIX):], Path(cfg.data_dir), cfg.image_size, cfg.val_fraction,
-                                 cfg.seed)
-    if prefix == "hf":
-        return hf.load_train(name, cfg.target, feats, cfg.task, cfg.image_size, cfg.val_fraction, cfg.seed)
-    return tables.load_train(name, cfg.target, feats, cfg.task, cfg.val_fraction, cfg.seed)
-
-
 def load_data(cfg: Config, accelerator: Any, spec: DataSpec | None = None) -> Data:
     """Build the run's datasets. Only the main process of each node prepares files; the others wait.
     `spec`: a trained model's (evaluate --dataset on files of the user's)."""
@@ -124,7 +101,7 @@ def load_data(cfg: Config, accelerator: Any, spec: DataSpec | None = None) -> Da
     val = None
     if name.startswith(FILE_DATASETS):
         with accelerator.local_main_process_first():
-            train, val, test, spec, warnings = _load_files(cfg, spec)
+            train, val, test, spec, warnings = load_files(cfg, spec)
         if accelerator.is_main_process:
             for w in warnings:
                 print(w, file=sys.stderr, flush=True)

@@ -224,17 +224,18 @@ def load_folder(root: Path, data_dir: Path, classes: list[str] | None, channels:
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images [N, C, H, W] scaled to [0, 1] (float64 sums, in chunks)."""
-    s = torch.zeros(x.shape[1], dtype=torch.float64)
-    s2 = torch.zeros_like(s)
-    for chunk in x.split(4096):
-        f = chunk.double().div_(255)
-        s += f.sum((0, 2, 3))
-        s2 += f.square().sum((0, 2, 3))
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    mean = s / n
-    std = (s2 / n - mean.square()).clamp(min=0).sqrt().clamp(min=1e-3)
-    return [round(v, 6) for v in mean.tolist()], [round(v, 6) for v in std.tolist()]
+    """Per-channel mean and (population) std of uint8 images [N, C, H, W] scaled to [0, 1]: exact, from
+    each channel's 256-bin histogram (one pass over the bytes, no float copy of the set)."""
+    mean, std = [], []
+    levels = torch.arange(256, dtype=torch.float64) / 255
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        m = float((counts * levels).sum() / n)
+        var = float((counts * (levels - m).square()).sum() / n)
+        mean.append(round(m, 6))
+        std.append(round(max(var, 0.0) ** 0.5 or 1.0, 6))
+    return mean, std
 
 
 def load_train(path: str, data_dir: Path, image_size: str | None, val_fraction: float, seed: int
@@ -285,10 +286,27 @@ def export_folders(x: torch.Tensor, y: torch.Tensor, classes: list[str], out: Pa
     """Write uint8 images [N, C, H, W] as PNG files out/<class>/<index>.png (class names made path-safe)."""
     import re
 
-    from torchvision.io import write_png
+    from PIL import Image
 
     names = [re.sub(r"[^A-Za-z0-9_.-]+", "_", c).strip("._") or f"class{i}" for i, c in enumerate(classes)]
     for n in names:
         (out / n).mkdir(parents=True, exist_ok=True)
     for i, (img, label) in enumerate(zip(x, y.tolist())):
-        write_png(img.contiguous(), str(out / names[label] / f"{i:05d}.png"))
+        a = img.permute(1, 2, 0).numpy()
+        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a, "L" if a.shape[2] == 1 else "RGB").save(
+            out / names[label] / f"{i:05d}.png")
+
+
+def export_builtin(name: str, out: str | Path, data_dir: str | Path = "./data", limit: int | None = None) -> Path:
+    """Write a built-in dataset (fashion_mnist, mnist, cifar10) as PNG folders out/{train,test}/<class>/,
+    e.g. to try `--dataset imagefolder:` on real images: `python -c "from disttrain.data.images import
+    export_builtin; export_builtin('fashion_mnist', 'fmnist_png')"`. `limit`: at most this many per split."""
+    from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset
+
+    if name not in IMAGE_DATASETS:
+        raise UsageError(f"export_builtin: {name!r} is not one of {', '.join(IMAGE_DATASETS)}")
+    _prepare_image_dataset(name, Path(data_dir))
+    train, test, spec = _load_image_dataset(name, Path(data_dir))
+    for split, ds in (("train", train), ("test", test)):
+        export_folders(ds.x[:limit], ds.y[:limit], list(spec.classes or []), Path(out) / split)
+    return Path(out)
