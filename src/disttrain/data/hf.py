@@ -28,20 +28,22 @@ PREFIX = "hf:"
 SPLITS = {"train": ("train",), "val": ("validation", "val", "valid"), "test": ("test",)}
 
 
-def open_dataset(path: str) -> dict[str, Any]:
-    """{"train", "val"?, "test"?} -> datasets.Dataset, from a save_to_disk folder or local data files."""
+def open_dataset(path: str, data_dir: Path) -> dict[str, Any]:
+    """{"train", "val"?, "test"?} -> datasets.Dataset, from a save_to_disk folder or local data files
+    (whose Arrow cache goes to <data_dir>/disttrain-cache/hf, not the user's Hugging Face cache)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never the hub (read when datasets is imported)
     try:
         import datasets
     except ImportError:
         raise UsageError("--dataset hf: needs the datasets package: pip install 'disttrain[data]'") from None
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # never the hub: a path only
     datasets.disable_progress_bars()
     p = Path(path)
     if not p.exists():
         raise UsageError(f"--dataset {PREFIX}{path}: no such file or directory")
     saved = p.is_dir() and any((p / f).is_file() for f in ("dataset_dict.json", "state.json", "dataset_info.json"))
     try:
-        ds = datasets.load_from_disk(str(p)) if saved else datasets.load_dataset(str(p))
+        ds = datasets.load_from_disk(str(p)) if saved else \
+            datasets.load_dataset(str(p), cache_dir=str(data_dir / "disttrain-cache" / "hf"))
     except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds for a bad folder
         raise UsageError(f"--dataset {PREFIX}{path}: not a dataset saved with save_to_disk nor local data files "
                          f"that datasets.load_dataset reads ({type(e).__name__}: {one_line(e)[:200]})") from None
@@ -108,11 +110,11 @@ def _images(ds: Any, column: str, target: str, channels: int | None, size: tuple
     return torch.stack(xs).contiguous(), torch.as_tensor(ys, dtype=torch.int64), skipped
 
 
-def load_train(name: str, target: str | None, feature_list: list[str] | None, task: str, image_size: str | None,
-               val_fraction: float, seed: int
+def load_train(name: str, data_dir: Path, target: str | None, feature_list: list[str] | None, task: str,
+               image_size: str | None, val_fraction: float, seed: int
                ) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset | None, DataSpec, list[str]]:
     path = name[len(PREFIX):]
-    splits = open_dataset(path)
+    splits = open_dataset(path, data_dir)
     where = {s: f"--dataset {name} ({s} split)" for s in splits}
     tgt, feats = _columns(splits["train"], target, feature_list, where["train"])
     classes = _class_names(splits["train"], tgt)
@@ -145,9 +147,9 @@ def load_train(name: str, target: str | None, feature_list: list[str] | None, ta
     return train, out["val"], out["test"], spec, images.warnings_for(skipped)
 
 
-def load_eval(name: str, spec: DataSpec) -> tuple[ArrayDataset, list[str]]:
+def load_eval(name: str, data_dir: Path, spec: DataSpec) -> tuple[ArrayDataset, list[str]]:
     """The test split (else the only/train split) of another dataset, with a trained model's preprocessing."""
-    splits = open_dataset(name[len(PREFIX):])
+    splits = open_dataset(name[len(PREFIX):], data_dir)
     ds = splits["test"] if splits["test"] is not None else splits["train"]
     where = f"--dataset {name}"
     pre = spec.preprocess or {}

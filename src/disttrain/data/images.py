@@ -153,16 +153,18 @@ def _cache_file(data_dir: Path, root: Path) -> Path:
     return data_dir / "disttrain-cache" / f"imagefolder-{tag}.safetensors"
 
 
-def _key(samples: list[tuple[str, int]], classes: list[str], channels: int | None,
+def _key(root: Path, samples: list[tuple[str, int]], classes: list[str], channels: int | None,
          size: tuple[int, int] | None) -> str:
-    """What the cached tensors depend on: every file's path, size and mtime, the classes and the settings."""
+    """What the cached tensors depend on: every file's path (relative to the folder), size and mtime, the
+    classes and the settings."""
     h = hashlib.sha256(json.dumps([CACHE_VERSION, classes, channels, size]).encode())
     for f, c in samples:
+        rel = os.path.relpath(f, root)
         try:
             st = os.stat(f)
-            h.update(f"{f}\0{c}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{rel}\0{c}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{f}\0{c}\0gone\n".encode())
+            h.update(f"{rel}\0{c}\0gone\n".encode())
     return h.hexdigest()
 
 
@@ -197,7 +199,7 @@ def load_folder(root: Path, data_dir: Path, classes: list[str] | None, channels:
     """One split as (uint8 ArrayDataset, class names, [[path, why] skipped]), from the cache when its key
     matches, else decoded and cached."""
     classes, samples = _listing(root, classes)
-    key = _key(samples, classes, channels, size)
+    key = _key(root, samples, classes, channels, size)
     cache = _cache_file(data_dir, root)
     hit = _read_cache(cache, key)
     if hit is not None:
