@@ -313,8 +313,34 @@ def parse_config(argv: list[str] | None = None, prog: str = "python -m disttrain
     for k, v in args.items():
         values[k] = convert(k, v, "flag")
     cfg = Config(**values)
+    cfg.explicit = frozenset(values)  # type: ignore[attr-defined]  # what a resume may take from the user
     validate(cfg)
     return cfg
+
+
+# never taken from a saved config on resume: they say what this invocation does
+NOT_RESUMED = frozenset({"config", "resume", "output_dir", "overwrite", "dry_run", "init_from"})
+
+
+def resumed_config(saved: dict[str, Any], cfg: Config, where: str) -> tuple[Config, list[str]]:
+    """A resume continues the saved run: `saved` (a run's config.yaml or a checkpoint's config) with only the
+    keys this invocation gave explicitly (flags, --config YAML) replaced. Returns the config and the changes
+    as "key: old -> new" (train refuses the changes a resume may not make). UsageError for a bad saved key."""
+    explicit = getattr(cfg, "explicit", None)
+    if explicit is None:  # built in code, not parsed: what differs from the defaults was given
+        default = Config()
+        explicit = {k for k in FIELDS if getattr(cfg, k) != getattr(default, k)}
+    values = {k: convert(k, v, where) for k, v in saved.items() if k in FIELDS and k not in NOT_RESUMED}
+    unknown = sorted(k for k in saved if k not in FIELDS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    values.update({k: getattr(cfg, k) for k in set(explicit) | NOT_RESUMED})
+    new = Config(**values)
+    new.explicit = frozenset(explicit)  # type: ignore[attr-defined]
+    validate(new)
+    changed = [f"{k}: {saved[k]!r} -> {getattr(new, k)!r}" for k in sorted(explicit)
+               if k in saved and k not in NOT_RESUMED and saved[k] != getattr(new, k)]
+    return new, changed
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -363,6 +389,9 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.overwrite and r not in RESUME_WORDS),
            f"--resume {r} with --overwrite: overwrite would delete the checkpoint to resume from")
     _check(not (cfg.overwrite and r == "auto"), "--resume auto with --overwrite: choose one")
+    _check(not (r == "auto" and cfg.output_dir is None),
+           "--resume auto needs --output-dir: the run directory to continue (without it a new timestamped "
+           "directory would start a fresh run)")
     _check(not (cfg.init_from and r not in ("none",)),
            f"--init-from {cfg.init_from} with --resume {r}: a resume restores its own weights")
     _check(cfg.init_from is None or Path(cfg.init_from).exists(),

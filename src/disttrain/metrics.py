@@ -17,10 +17,12 @@ class MetricsLog:
         self.path, self.enabled, self.tracker = path, enabled, tracker
         self._f: Any = None
 
-    def open(self, keep_lines: int) -> None:
+    def open(self, keep_lines: int, source: Path | None = None) -> None:
+        """Keep the first `keep_lines` lines (of `source`, another run's log, when given) and append."""
         if not self.enabled:
             return
-        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        src = source if source is not None else self.path
+        lines = src.read_text().splitlines(keepends=True) if src.exists() else []
         lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines[:keep_lines]]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(lines))

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from disttrain.config import FILE_DATASETS, Config
-from disttrain.data.base import ArrayDataset, DataSpec, holdout_indices, import_plugin, normalize_uint8
+from disttrain.data.base import ArrayDataset, DataSpec, as_pairs, holdout_indices, import_plugin, normalize_uint8
 from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset, locate
 from disttrain.data.files import load_files
 from disttrain.data.order import Data, Window, augment_batch
@@ -123,7 +123,9 @@ def load_data(cfg: Config, accelerator: Any, spec: DataSpec | None = None) -> Da
             fn = import_plugin(name, "--dataset")
         with accelerator.local_main_process_first():
             train, test = _dataset_from_factory(cfg, fn)
-        raw_train, (train, test) = train, (_as_array_dataset(train), _as_array_dataset(test))
+        raw_train = train  # (its `classes`, before any wrapping)
+        train, test = as_pairs(train, f"--dataset {name}"), as_pairs(test, f"--dataset {name} (eval set)")
+        train, test = _as_array_dataset(train), _as_array_dataset(test)
         task, n_out, tshape = _target_info(train)
         classes = _declared_classes(raw_train, name, task, n_out)
         n_out = max(n_out, len(classes)) if classes else n_out
