@@ -256,19 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"disttrain.predict: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
-    for e in errors:
-        print(f"disttrain.predict: error: {e}", file=sys.stderr)
-    if preds:
-        print(format_predictions(preds))
-    if args.json:
+    if args.json:  # files first: a closed stdout (| head) must not lose them
         Path(args.json).write_text(json.dumps({"checkpoint": str(args.checkpoint), "predictions": preds},
                                               indent=1) + "\n")
     if args.output:
         write_output(args.output, preds, str(args.checkpoint))
+    for e in errors:
+        print(f"disttrain.predict: error: {e}", file=sys.stderr)
+    if preds:
+        print(format_predictions(preds))
     if errors and preds:
         print(f"disttrain.predict: {len(errors)} input(s) failed, {len(preds)} predicted", file=sys.stderr)
     return EXIT_USAGE if errors else 0
-    return 0
 
 
 if __name__ == "__main__":
