@@ -368,3 +368,11 @@ def test_imagefolder_two_processes_equal_one(digits, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_default_run_name_uses_the_folder_or_file_name():
+    from disttrain.config import Config, default_output_dir
+
+    assert default_output_dir(Config(dataset="imagefolder:/data/photos/", model="mlp"), 0).startswith(
+        "runs/imagefolder_photos-mlp-")
+    assert default_output_dir(Config(dataset="csv:sub/wine_train.csv"), 0).startswith("runs/csv_wine_train.csv-cnn-")

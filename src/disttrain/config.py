@@ -451,10 +451,15 @@ def _validate_output_dir(cfg: Config) -> None:
 
 
 def default_output_dir(cfg: Config, now: float | None = None) -> str:
-    """runs/<dataset>-<model>-<timestamp>, plug-in names made path-safe."""
+    """runs/<dataset>-<model>-<timestamp>, plug-in names made path-safe; for the user's files the prefix and
+    the file or folder name (imagefolder:/data/photos -> imagefolder_photos)."""
     safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "x"  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return str(Path("runs") / f"{safe(cfg.dataset)}-{safe(cfg.model)}-{stamp}")
+    data = cfg.dataset
+    if data.startswith(FILE_DATASETS):
+        prefix, _, path = data.partition(":")
+        data = f"{prefix}_{Path(path.rstrip('/')).name}"
+    return str(Path("runs") / f"{safe(data)}-{safe(cfg.model)}-{stamp}")
 
 
 def to_yaml(cfg: Config) -> str:
