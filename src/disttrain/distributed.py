@@ -225,7 +225,8 @@ class StopSignal:
         if signum == signal.SIGINT:
             self._sigints = self._tally.count(signum)
             if self._sigints >= 2:
-                sys.stderr.write("disttrain: second Ctrl-C, exiting without a checkpoint\n")
+                newline = "\n" if sys.stderr.isatty() else ""  # never on the progress bar's line
+                sys.stderr.write(f"{newline}disttrain: second Ctrl-C, exiting without a checkpoint\n")
                 sys.stderr.flush()
                 os._exit(130)
         self.received = self.received or signal.Signals(signum).name

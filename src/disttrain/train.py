@@ -65,6 +65,12 @@ class Run:
     model_meta: dict[str, Any]
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
+    bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
+
+    @property
+    def epochs(self) -> int:
+        """Epochs this run will reach: --max-steps may end it inside an earlier one (console lines)."""
+        return min(self.cfg.epochs, -(-self.total_steps // max(1, self.data.steps_per_epoch())))
 
 
 class Meter:
@@ -131,7 +137,7 @@ def train(r: Run) -> None:
         meter, r.save_s = Meter(acc.device, data.wait_s, pos.interval, acc.is_main_process), 0.0
         pos.interval = None
         model.train()
-        bar = _progress_bar(r, steps_per_epoch)
+        bar = r.bar = _progress_bar(r, steps_per_epoch)
         for window in data.train_windows(pos.epoch, start=pos.window):
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
@@ -182,7 +188,7 @@ def train(r: Run) -> None:
 
 def _end_epoch(r: Run, meter: Meter) -> None:
     """Evaluate, write the epoch line, checkpoint (and best/)."""
-    pos, cfg = r.pos, r.cfg
+    pos = r.pos
     s, n, bad = meter.read(r.acc, "epoch")
     _fail_if_bad(r, bad)
     pos.epoch_loss, pos.epoch_count = pos.epoch_loss + s, pos.epoch_count + n
@@ -198,7 +204,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
-    say(r.acc, epoch_line(rec, cfg.epochs))
+    say(r.acc, epoch_line(rec, r.epochs))
     if pos.window >= r.data.steps_per_epoch():  # a run cut short by --max-steps stays inside its epoch,
         pos.epoch, pos.window = pos.epoch + 1, 0  # so a resume with a longer run continues it
         pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
@@ -225,7 +231,7 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
-        say(r.acc, step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
+        say(r.acc, step_line(rec["epoch"], r.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
                               rec["lr"], rec["samples_per_sec"], wait))
 
 
@@ -287,7 +293,7 @@ def _progress_bar(r: Run, steps_per_epoch: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.cfg.epochs}",
+    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.epochs}",
                 unit="step", leave=False, dynamic_ncols=True)
 
 
@@ -509,6 +515,13 @@ def finish(r: Run) -> None:
     r.acc.wait_for_everyone()
 
 
+def _close_bar(r: Run | None) -> None:
+    """Clear the progress bar's line, so that the message that follows starts on a line of its own."""
+    if r is not None and r.bar is not None:
+        r.bar.close()
+        r.bar = None
+
+
 def _write_status(r: Run | None, state: str, code: int, reason: str) -> None:
     if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
         try:
@@ -540,12 +553,14 @@ def main(argv: list[str] | None = None) -> int:
             report_refusal(f"disttrain: error: {cut(e)}")  # disttrain.launch prints it last, exit 2
         return EXIT_USAGE
     except Interrupted as e:
+        _close_bar(r)
         msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
         _write_status(r, "interrupted", EXIT_INTERRUPTED, msg)
         if r is None or r.acc.is_main_process:
             print(f"disttrain: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingError as e:
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, cut(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {cut(e)}", file=sys.stderr)
         return EXIT_FAILURE
@@ -554,10 +569,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = (f"a parameter got no gradient at step {r.pos.step + 1 if r else '?'} although the pre-flight batch "
                "used it (a model that skips parameters on some steps); rerun with --find-unused-parameters")
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, msg)
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {msg}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # e.g. disk full while writing metrics: one line, exit 1
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, cut(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {cut(e)}",
               file=sys.stderr)
