@@ -276,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disttrain.predict: error: {e}", file=sys.stderr)
     if preds:
         print(format_predictions(preds))
-    if errors and preds:
-        print(f"disttrain.predict: {len(errors)} input(s) failed, {len(preds)} predicted", file=sys.stderr)
     return EXIT_USAGE if errors else 0
 
 
