@@ -22,8 +22,9 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
-                                   say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (StopSignal, Sync, broadcast_str, contention_watch, is_launched, make_accelerator,
+                                   resolve_precision, say, set_threads, shutdown, share_gradients,
+                                   start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
@@ -342,7 +343,7 @@ def _check_resume(cfg: Config, saved: dict[str, Any], world: int) -> None:
 
 def setup(cfg: Config, stop: StopSignal) -> Run | None:
     """Build the run; validate everything before the output directory is touched. None on --dry-run."""
-    cfg.mixed_precision = resolve_precision(cfg)
+    cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
@@ -377,7 +378,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     scheduler = build_scheduler(cfg, optimizer, total)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, precision_why))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -490,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
         r = setup(cfg, stop)
         if r is None:
             return EXIT_OK
-        with stop:  # also around the export: a late signal must not kill the run before status.json
+        # stop: also around the export (a late signal must not kill the run before status.json)
+        with stop, contention_watch(r.acc):
             train(r)
             finish(r)
             _write_status(r, "completed", EXIT_OK, "")
