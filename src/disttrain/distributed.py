@@ -35,7 +35,7 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
             return hardware.auto_precision("cuda", torch.cuda.is_bf16_supported(including_emulation=False))
         return hardware.auto_precision("cpu", flags=hardware.cpu_flags())
     if mp == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use bf16, auto or no")
+        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use auto, bf16 or no")
     return mp, why
 
 
