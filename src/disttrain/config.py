@@ -27,7 +27,7 @@ MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18")
 LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "onecycle", "step")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
@@ -109,7 +109,8 @@ class Config:
     batch_size: int = _f(64, "per-process batch size")
     eval_batch_size: int = _f(256, "per-process evaluation batch size")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    mixed_precision: str | None = _f(None, "no/bf16/fp16 (default: the launch config's, else no)",
+    mixed_precision: str | None = _f(None, "no/bf16/fp16/auto (auto: bf16 where the device computes it "
+                                     "natively, fp16 on older GPUs, else no; default: the launch config's, else no)",
                                      choices=PRECISIONS)
     seed: int = _f(0, "seeds everything: weights, epoch order, per-rank streams, dataset reads")
     # outputs, checkpoints, resume

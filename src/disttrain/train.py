@@ -23,9 +23,10 @@ from disttrain import checkpoint as ckpt
 from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, find_unused_parameters,
-                                   is_launched, make_accelerator, plain_module, resolve_precision, say, set_threads,
-                                   shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
+                                   find_unused_parameters, is_launched, make_accelerator, plain_module,
+                                   resolve_precision, say, set_threads, shutdown, share_gradients,
+                                   start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               cut, one_line)
 from disttrain.evaluate import evaluate
@@ -376,7 +377,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     `started`: when this attempt began (time.time(); elapsed_s counts start-up)."""
     started = time.time() if started is None else started
     cfg, resume_note = resume_config(cfg)  # --resume: the saved run's config, explicit flags changed
-    cfg.mixed_precision = resolve_precision(cfg)
+    cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
@@ -387,7 +388,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
         say(acc, resume_note)
     _claim(acc, rundir)  # (a killed run's orphaned workers may still be saving: never read under them)
     try:
-        run = _setup_run(cfg, stop, acc, rundir, threads, started)
+        run = _setup_run(cfg, stop, acc, rundir, threads, started, precision_why)
     except BaseException:
         rundir.abandon()  # refused before anything was written: leave no lock file nor directory behind
         raise
@@ -397,7 +398,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
 
 
 def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, threads: int,
-               started: float) -> Run | None:
+               started: float, precision_why: str) -> Run | None:
     """setup() with the run directory locked."""
     source = _resume_source(cfg, rundir)
     saved = ckpt.load_checkpoint(source) if source is not None else None
@@ -427,7 +428,7 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     scheduler = build_scheduler(cfg, optimizer, total)
     if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
         schema.check_resume_fits(saved, model, optimizer, scheduler, source)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -542,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         r = setup(cfg, stop, started)
         if r is None:
             return EXIT_OK
-        with stop:  # also around the export: a late signal must not kill the run before status.json
+        # stop: also around the export (a late signal must not kill the run before status.json)
+        with stop, contention_watch(r.acc):
             train(r)
             finish(r)
             _write_status(r, "completed", EXIT_OK, "")
