@@ -185,19 +185,23 @@ class Sync:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
-    def poll(self, flag: bool) -> bool:
-        """Like any(), pipelined: start this poll's all-reduce and return the previous poll's answer, which
-        has long arrived, so no rank waits for the slowest one here. Every rank polls at the same steps and
-        so acts on the same answer at the same step, one poll interval later than a blocking any()."""
+    def poll(self, stop: bool, save: bool = False) -> tuple[bool, bool]:
+        """Like any() for two flags (stop, save a checkpoint), pipelined: start this poll's all-reduce and
+        return the previous poll's answer, which has long arrived, so no rank waits for the slowest one here.
+        Every rank polls at the same steps and so acts on the same answer at the same step, one poll
+        interval later than a blocking any()."""
         if self.n == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+            return stop, save
+        t = torch.tensor([int(stop), int(save)], dtype=torch.int32)
         work = torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
         prev, self._pending = self._pending, (work, t)
-        if prev is None or not (prev[0].wait() and bool(prev[1].item())):
-            return False
-        self.drain()
-        return True
+        if prev is None:
+            return False, False
+        prev[0].wait()
+        got_stop, got_save = (bool(v) for v in prev[1].tolist())
+        if got_stop:
+            self.drain()
+        return got_stop, got_save
 
     def drain(self) -> None:
         """Wait for a poll still in flight (before anything that ends the process group)."""
