@@ -239,6 +239,24 @@ def _fsync_dir(path: Path) -> None:
     safe_io.fsync_dir(path)
 
 
+def umask() -> int:
+    """The process umask, read without changing it (Linux /proc; elsewhere set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file the mode a plain open() would have (0666 minus the umask): safetensors writes 0600."""
+    os.chmod(path, 0o666 & ~umask())
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write, fsync, rename (safe_io.write_atomic: never through a link)."""
     safe_io.write_atomic(path, data)
@@ -312,6 +330,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     if aliases:
         meta[SHARED_KEY] = json.dumps(aliases, sort_keys=True)
     save_file({k: v.to("cpu").contiguous() for k, v in kept.items()}, str(path), metadata=meta or None)
+    apply_umask(path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 

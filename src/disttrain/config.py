@@ -27,13 +27,17 @@ MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18")
 LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "onecycle", "step")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
 MAX_KWARGS_BYTES = 64 << 10  # one *-kwargs value as JSON (saved in config.yaml and every state.json)
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds (datetime.timedelta overflows near 1e14)
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# --dataset PREFIX:PATH reads the user's own files (data/images.py, tables.py, hf.py); these prefixes are
+# taken before plug-ins, so a plug-in module cannot be named like one of them
+FILE_DATASETS = ("imagefolder:", "csv:", "parquet:", "hf:")
+TASKS = ("auto", "classification", "regression")
 
 # Keys a resume may change: run length, cadence, logging and where things live.
 RESUMABLE_KEYS = frozenset({
@@ -42,6 +46,11 @@ RESUMABLE_KEYS = frozenset({
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
     "shm_allreduce", "find_unused_parameters", "save_every_minutes",
 })
+
+
+def is_plugin(value: str) -> bool:
+    """`module:function` (user code), as opposed to a built-in name or a PREFIX:PATH of the user's files."""
+    return bool(PLUGIN_RE.match(value)) and not value.startswith(FILE_DATASETS)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -58,12 +67,19 @@ class Config:
 
     config: str | None = _f(None, "YAML file of the same keys (snake_case)")
     # data
-    dataset: str = _f("fashion_mnist", f"built-in {DATASETS} or module:function")
+    dataset: str = _f("fashion_mnist", f"built-in {', '.join(DATASETS)}; your files: "
+                                       "imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH; or module:function")
     dataset_kwargs: dict = _f({}, "JSON object of keyword arguments for the dataset factory")
     data_dir: str = _f("./data", "where datasets live")
     val_fraction: float = _f(0.0, "deterministic hold-out of the training set for validation")
     augment: str = _f("none", "batch-wise augmentation for image datasets", choices=AUGMENTS)
     num_workers: int | None = _f(None, "DataLoader workers for non-tensor datasets (auto)")
+    image_size: str | None = _f(None, "imagefolder/hf images: resize to N or HxW pixels (default: the first "
+                                      "training image's size)")
+    target: str | None = _f(None, "csv/parquet/hf: the column to predict (hf default: label)")
+    features: str | None = _f(None, "csv/parquet/hf: comma-separated input columns (default: all but the target)")
+    task: str = _f("auto", "csv/parquet/hf: classification or regression (auto: from the target column)",
+                   choices=TASKS)
     # model
     model: str = _f("cnn", f"built-in {MODELS} or module:function")
     model_kwargs: dict = _f({}, "JSON object of keyword arguments for the model factory")
@@ -93,7 +109,8 @@ class Config:
     batch_size: int = _f(64, "per-process batch size")
     eval_batch_size: int = _f(256, "per-process evaluation batch size")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    mixed_precision: str | None = _f(None, "no/bf16/fp16 (default: the launch config's, else no)",
+    mixed_precision: str | None = _f(None, "no/bf16/fp16/auto (auto: bf16 where the device computes it "
+                                     "natively, fp16 on older GPUs, else no; default: the launch config's, else no)",
                                      choices=PRECISIONS)
     seed: int = _f(0, "seeds everything: weights, epoch order, per-rank streams, dataset reads")
     # outputs, checkpoints, resume
@@ -143,6 +160,10 @@ def convert(name: str, value: Any, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, or raise UsageError naming it."""
     tp, optional = _base_type(name)
     flag = f"--{name.replace('_', '-')}" if source == "flag" else f"{name!r} in {source}"
+    if source != "flag" and isinstance(value, str) and tp in (int, float, bool) and \
+            not (optional and value.lower() in ("none", "null")):
+        kind = {int: "an integer", float: "a number", bool: "true or false"}[tp]
+        raise UsageError(f"{flag} must be {kind}, got the string {value!r} (YAML: write the value without quotes)")
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -214,24 +235,68 @@ def _bounded_kwargs(value: dict, flag: str) -> dict:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + exits; we want one line
-        if message.startswith(("unrecognized arguments", "argument ")):
+        if message.startswith("unrecognized arguments"):
+            known = [o[2:].replace("-", "_") for o in self._option_string_actions if o.startswith("--")]
+            hints = [f"{a} (did you mean --{m.replace('_', '-')}?)" for a in message.split(":", 1)[1].split()
+                     if a.startswith("--") and (m := suggest(a.split("=", 1)[0], known))]
+            message += ("; " + ", ".join(hints) if hints else "") + "; see --help for the flags and what they take"
+        elif message.startswith("argument "):
             message += "; see --help for the flags and what they take"
         raise UsageError(message)
 
 
 def build_parser(prog: str = "python -m disttrain.train") -> argparse.ArgumentParser:
     """Flags generated from the dataclass; defaults suppressed so only given flags override YAML."""
-    p = _Parser(prog=prog, description="disttrain: the plain PyTorch loop, distributed.",
+    p = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [FLAGS]",
+                description="disttrain: the plain PyTorch loop, distributed. Every flag is also a key of the "
+                            "--config YAML file (snake_case); flags win over the file.",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, f in FIELDS.items():
         tp, _ = _base_type(name)
         flag = "--" + name.replace("_", "-")
-        help = f.metadata["help"] + f" (default: {f.default if f.default is not dataclasses.MISSING else '{}'})"
+        help, choices = f.metadata["help"], f.metadata.get("choices")
+        default = {} if f.default is dataclasses.MISSING else f.default
+        if "default" not in help and default is not None:  # (a help text that explains its default says it once)
+            help += f" (default: {'on' if default is True else 'off' if default is False else default})"
         if tp is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:
-            p.add_argument(flag, dest=name, metavar=name.upper(), help=help)
+            p.add_argument(flag, dest=name, metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+                           help=help)
     return p
+
+
+# Names people bring from other trainers (Hugging Face Trainer, Lightning, timm, argparse examples): a key or
+# flag that is close to one of these gets "did you mean <ours>?" (difflib alone cannot tie learnig_rate to lr)
+SYNONYMS = {
+    "learning_rate": "lr", "learningrate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "num_train_epochs": "epochs", "max_epochs": "epochs", "batch": "batch_size", "bs": "batch_size",
+    "train_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "accumulate_grad_batches": "grad_accum", "accumulation_steps": "grad_accum", "wd": "weight_decay",
+    "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    "gradient_clip_val": "max_grad_norm", "precision": "mixed_precision", "fp16": "mixed_precision",
+    "bf16": "mixed_precision", "workers": "num_workers", "output": "output_dir", "out_dir": "output_dir",
+    "logging_steps": "log_every", "log_interval": "log_every", "save_steps": "save_every_steps",
+    "save_total_limit": "keep_last", "resume_from_checkpoint": "resume", "val_split": "val_fraction",
+    "validation_split": "val_fraction", "label": "target", "label_column": "target", "target_column": "target",
+    "img_size": "image_size", "input_size": "image_size", "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler", "optim": "optimizer", "arch": "model", "data": "dataset",
+}
+
+
+def suggest(name: str, known: list[str] | None = None) -> str | None:
+    """The key (snake_case) among `known` (default: the Config fields) that a mistyped or foreign key or
+    flag most likely means, or None."""
+    import difflib
+
+    key = str(name).lstrip("-").replace("-", "_").lower()
+    fields = known if known is not None else [f for f in FIELDS if f != "config"]
+    synonyms = {k: v for k, v in SYNONYMS.items() if v in fields}
+    if key in synonyms:
+        return synonyms[key]
+    m = difflib.get_close_matches(key, fields + list(synonyms), n=1, cutoff=0.75)
+    return synonyms.get(m[0], m[0]) if m else None
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -254,10 +319,7 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: must be a mapping of keys to values, got {type(data).__name__}")
     unknown = [k for k in data if k not in FIELDS or k == "config"]
     if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k).replace("-", "_"),
-                 [f for f in FIELDS if f != "config"], n=1)) else str(k) for k in unknown]
+        hints = [f"{k} (did you mean {m}?)" if (m := suggest(k)) else str(k) for k in unknown]
         raise UsageError(f"--config {path}: unknown key(s) {', '.join(hints)}; keys are the flags in snake_case")
     return data
 
@@ -312,11 +374,13 @@ def validate(cfg: Config) -> None:
     for name in ("dataset", "model"):
         v = getattr(cfg, name)
         builtin = DATASETS if name == "dataset" else MODELS
-        _check(v in builtin or bool(PLUGIN_RE.match(v)),
-               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)} or module:function")
+        files = name == "dataset" and v.startswith(FILE_DATASETS) and len(v.partition(":")[2]) > 0
+        _check(v in builtin or files or bool(PLUGIN_RE.match(v)),
+               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)}, "
+               f"{'imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH ' if name == 'dataset' else ''}or module:function")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
-                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",))):
+                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("task", TASKS)):
         v = getattr(cfg, name)
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")
@@ -359,8 +423,31 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.sync_batchnorm and cfg.compile), "--sync-batchnorm with --compile is not supported")
     _check(cfg.log_with != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
            "--log-with tensorboard: the tensorboard package is not installed; pip install 'disttrain[tensorboard]'")
+    _validate_file_dataset(cfg)
     _validate_scheduler_kwargs(cfg)
     _validate_output_dir(cfg)
+
+
+def _validate_file_dataset(cfg: Config) -> None:
+    """--image-size, --target, --features, --task belong to the datasets read from the user's files."""
+    family = cfg.dataset.partition(":")[0] + ":" if cfg.dataset.startswith(FILE_DATASETS) else ""
+    for name, families in (("image_size", ("imagefolder:", "hf:")), ("target", ("csv:", "parquet:", "hf:")),
+                           ("features", ("csv:", "parquet:", "hf:"))):
+        _check(getattr(cfg, name) is None or family in families,
+               f"--{name.replace('_', '-')} applies to --dataset {' or '.join(f + '...' for f in families)}, "
+               f"not {cfg.dataset}")
+    _check(cfg.task == "auto" or family in ("csv:", "parquet:", "hf:"),
+           f"--task applies to --dataset csv:..., parquet:... or hf:..., not {cfg.dataset}")
+    if cfg.image_size is not None:
+        from disttrain.data.images import parse_size
+
+        parse_size(cfg.image_size)
+    if cfg.features is not None:
+        cols = [c.strip() for c in cfg.features.split(",")]
+        _check(all(cols) and len(set(cols)) == len(cols),
+               f"--features {cfg.features!r}: expected distinct comma-separated column names")
+    _check(family not in ("csv:", "parquet:") or bool(cfg.target),
+           f"--dataset {cfg.dataset} needs --target COLUMN (the column to predict)")
 
 
 def _validate_scheduler_kwargs(cfg: Config) -> None:
@@ -391,10 +478,15 @@ def _validate_output_dir(cfg: Config) -> None:
 
 
 def default_output_dir(cfg: Config, now: float | None = None) -> str:
-    """runs/<dataset>-<model>-<timestamp>, plug-in names made path-safe."""
+    """runs/<dataset>-<model>-<timestamp>, plug-in names made path-safe; for the user's files the prefix and
+    the file or folder name (imagefolder:/data/photos -> imagefolder_photos)."""
     safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "x"  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return str(Path("runs") / f"{safe(cfg.dataset)}-{safe(cfg.model)}-{stamp}")
+    data = cfg.dataset
+    if data.startswith(FILE_DATASETS):
+        prefix, _, path = data.partition(":")
+        data = f"{prefix}_{Path(path.rstrip('/')).name}"
+    return str(Path("runs") / f"{safe(data)}-{safe(cfg.model)}-{stamp}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -20,7 +20,8 @@ Plain `accelerate launch` falls short in three ways that matter there:
    auto`, up to N times; bad input, a requested stop and deterministic failures (non-finite loss) are not
    restarted. disttrain.recovery says why this is not torchrun's own `--max_restarts`.
 
-Without `--`, every argument is a disttrain.train flag.
+Everything before `--` goes to `accelerate launch`, everything after it to disttrain.train; without `--`
+any argument is refused (`--model mlp` could be either), and `--help` before `--` prints this usage.
 """
 
 from __future__ import annotations
@@ -181,6 +182,22 @@ def check(flags: list[str]) -> int:
     return 0
 
 
+USAGE = f"""usage: python -m disttrain.launch [ACCELERATE LAUNCH OPTIONS] -- [TRAINING FLAGS]
+       ({PROG} is the same command)
+
+Runs `accelerate launch [ACCELERATE LAUNCH OPTIONS] -m disttrain.train [TRAINING FLAGS]` after checking the
+training flags here (bad ones: one line, exit 2, nothing started). The `--` separates the two: before it,
+accelerate's options (--config_file launch/cpu-multi.yaml, --num_processes 2, --machine_rank ...; see
+`accelerate launch --help`); after it, disttrain's flags (see `python -m disttrain.train --help`).
+Stop signals (SIGTERM, SIGINT, SIGUSR1) reach the training processes as one SIGTERM: they checkpoint and
+exit 75. The exit code is the run's own (0 done, 2 bad input, 75 stopped after a checkpoint, 1 failed).
+--max-restarts N (before the --): when a worker dies or a collective fails, start the whole group again
+with --resume auto, up to N times (bad input, a requested stop and a non-finite loss are not restarted).
+
+example: python -m disttrain.launch --config_file launch/cpu-multi.yaml --num_processes 2 -- --model mlp --epochs 2
+"""
+
+
 def take_max_restarts(opts: list[str]) -> tuple[int, list[str]]:
     """(--max-restarts N, the accelerate options without it). UsageError for a bad N, and for torchrun's
     own --max_restarts, which would restart workers without --resume auto (see disttrain.recovery)."""
@@ -210,7 +227,17 @@ def take_max_restarts(opts: list[str]) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    acc_opts, flags = split_argv(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    before = args[:args.index("--")] if "--" in args else args
+    if any(a in ("-h", "--help") for a in before):
+        print(USAGE, end="")
+        return 0
+    if args and "--" not in args:
+        print(f"{PROG}: error: put `--` between accelerate launch options and training flags (got "
+              f"{' '.join(args[:4])}{' ...' if len(args) > 4 else ''}); e.g. python -m disttrain.launch "
+              f"--num_processes 2 -- {' '.join(args[:4])}; see --help", file=sys.stderr)
+        return EXIT_USAGE
+    acc_opts, flags = split_argv(args)
     try:
         max_restarts, acc_opts = take_max_restarts(acc_opts)
     except UsageError as e:

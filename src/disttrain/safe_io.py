@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -185,6 +186,11 @@ def _yaml_loader(what: str, max_aliases: int, depth: int) -> Any:
             return super().construct_mapping(node, deep)
 
     Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+    # 1e-3 is a float: YAML 1.1 (PyYAML) wants a dot (1.0e-3) and would give the string "1e-3", which a
+    # number field refuses (quoted values stay strings)
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
     return Loader
 
 

@@ -24,9 +24,10 @@ from disttrain import checkpoint as ckpt
 from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, find_unused_parameters,
-                                   is_launched, make_accelerator, plain_module, resolve_precision, say, set_threads,
-                                   shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
+                                   find_unused_parameters, is_launched, make_accelerator, plain_module,
+                                   resolve_precision, say, set_threads, shutdown, share_gradients,
+                                   start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               cut, one_line)
 from disttrain.evaluate import evaluate
@@ -69,6 +70,12 @@ class Run:
     save_clock: SaveClock  # --save-every-minutes
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
+    bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
+
+    @property
+    def epochs(self) -> int:
+        """Epochs this run will reach: --max-steps may end it inside an earlier one (console lines)."""
+        return min(self.cfg.epochs, -(-self.total_steps // max(1, self.data.steps_per_epoch())))
 
 
 class Meter:
@@ -135,7 +142,7 @@ def train(r: Run) -> None:
         meter, r.save_s = Meter(acc.device, data.wait_s, pos.interval, acc.is_main_process), 0.0
         pos.interval = None
         model.train()
-        bar = _progress_bar(r, steps_per_epoch)
+        bar = r.bar = _progress_bar(r, steps_per_epoch)
         for window in data.train_windows(pos.epoch, start=pos.window):
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
@@ -190,7 +197,7 @@ def train(r: Run) -> None:
 
 def _end_epoch(r: Run, meter: Meter) -> None:
     """Evaluate, write the epoch line, checkpoint (and best/)."""
-    pos, cfg = r.pos, r.cfg
+    pos = r.pos
     s, n, bad = meter.read(r.acc, "epoch")
     _fail_if_bad(r, bad)
     pos.epoch_loss, pos.epoch_count = pos.epoch_loss + s, pos.epoch_count + n
@@ -206,7 +213,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
-    say(r.acc, epoch_line(rec, cfg.epochs))
+    say(r.acc, epoch_line(rec, r.epochs))
     if pos.window >= r.data.steps_per_epoch():  # a run cut short by --max-steps stays inside its epoch,
         pos.epoch, pos.window = pos.epoch + 1, 0  # so a resume with a longer run continues it
         pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
@@ -233,7 +240,7 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
-        say(r.acc, step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
+        say(r.acc, step_line(rec["epoch"], r.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
                               rec["lr"], rec["samples_per_sec"], wait))
 
 
@@ -296,7 +303,7 @@ def _progress_bar(r: Run, steps_per_epoch: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.cfg.epochs}",
+    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.epochs}",
                 unit="step", leave=False, dynamic_ncols=True)
 
 
@@ -379,7 +386,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     `started`: when this attempt began (time.time(); elapsed_s counts start-up)."""
     started = time.time() if started is None else started
     cfg, resume_note = resume_config(cfg)  # --resume: the saved run's config, explicit flags changed
-    cfg.mixed_precision = resolve_precision(cfg)
+    cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
@@ -390,7 +397,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
         say(acc, resume_note)
     _claim(acc, rundir)  # (a killed run's orphaned workers may still be saving: never read under them)
     try:
-        run = _setup_run(cfg, stop, acc, rundir, threads, started)
+        run = _setup_run(cfg, stop, acc, rundir, threads, started, precision_why)
     except BaseException:
         rundir.abandon()  # refused before anything was written: leave no lock file nor directory behind
         raise
@@ -400,7 +407,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
 
 
 def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, threads: int,
-               started: float) -> Run | None:
+               started: float, precision_why: str) -> Run | None:
     """setup() with the run directory locked."""
     source = _resume_source(cfg, rundir)
     saved = ckpt.load_checkpoint(source) if source is not None else None
@@ -430,7 +437,7 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     scheduler = build_scheduler(cfg, optimizer, total)
     if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
         schema.check_resume_fits(saved, model, optimizer, scheduler, source)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -525,6 +532,13 @@ def finish(r: Run) -> None:
     r.acc.wait_for_everyone()
 
 
+def _close_bar(r: Run | None) -> None:
+    """Clear the progress bar's line, so that the message that follows starts on a line of its own."""
+    if r is not None and r.bar is not None:
+        r.bar.close()
+        r.bar = None
+
+
 def _write_status(r: Run | None, state: str, code: int, reason: str, restartable: bool = False) -> None:
     """status.json (main process). `restartable`: whether `disttrain.launch --max-restarts` may start again."""
     if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
@@ -546,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         r = setup(cfg, stop, started)
         if r is None:
             return EXIT_OK
-        with stop:  # also around the export: a late signal must not kill the run before status.json
+        # stop: also around the export (a late signal must not kill the run before status.json)
+        with stop, contention_watch(r.acc):
             train(r)
             finish(r)
             _write_status(r, "completed", EXIT_OK, "")
@@ -557,12 +572,14 @@ def main(argv: list[str] | None = None) -> int:
             report_refusal(f"disttrain: error: {cut(e)}")  # disttrain.launch prints it last, exit 2
         return EXIT_USAGE
     except Interrupted as e:
+        _close_bar(r)
         msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
         _write_status(r, "interrupted", EXIT_INTERRUPTED, msg)
         if r is None or r.acc.is_main_process:
             print(f"disttrain: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingError as e:
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, cut(e), e.restartable)
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {cut(e)}", file=sys.stderr)
         return EXIT_FAILURE
@@ -571,10 +588,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         msg = (f"a parameter got no gradient at step {r.pos.step + 1 if r else '?'} although the pre-flight batch "
                "used it (a model that skips parameters on some steps); rerun with --find-unused-parameters")
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, msg)
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {msg}", file=sys.stderr)
         return EXIT_FAILURE
     except OSError as e:  # e.g. disk full while writing metrics: one line, exit 1
+        _close_bar(r)
         _write_status(r, "failed", EXIT_FAILURE, cut(e))
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {cut(e)}",
               file=sys.stderr)
