@@ -172,12 +172,12 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from disttrain.predict import check_json_target
+    from disttrain.predict import check_target
     from disttrain.safe_io import write_json
 
     try:
         args = _parser().parse_args(argv)
-        check_json_target(args.json)
+        check_target("--json", args.json)
         res = run_evaluate(args)
         print(format_report(res))
         if args.json:
