@@ -1,6 +1,6 @@
 """The run directory and its checkpoints: the only module that knows the on-disk layout.
 
-    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock
+    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
                                        rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
     <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
@@ -43,7 +43,7 @@ MAX_MANIFEST_BYTES = safe_io.MAX_SMALL
 
 MARKER = ".disttrain-run"  # written first into every run directory: what --overwrite may remove is ours
 TOP_FILES = ("config.yaml", "metrics.jsonl", "model.safetensors", "model.json", "summary.json", "status.json",
-             ".lock", MARKER)
+             ".lock", MARKER, ".progress")
 TOP_DIRS = ("checkpoints", "tensorboard", "plots")
 OURS_IN_CHECKPOINTS = re.compile(r"^(step_\d{8}|best|\.(tmp|old)-(step_\d{8}|best))$")
 TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_.-]+\.tmp\d*$")  # write_atomic's and metrics' temporary files
@@ -61,6 +61,7 @@ class RunDir:
         self.model_meta = self.path / "model.json"
         self.summary = self.path / "summary.json"
         self.status = self.path / "status.json"
+        self.progress = self.path / ".progress"  # the last finished step (recovery.Progress)
         self.best = self.checkpoints / "best"
         self.tensorboard = self.path / "tensorboard"
         self.marker = self.path / MARKER

@@ -27,7 +27,7 @@ MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18")
 LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "onecycle", "step")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
@@ -44,7 +44,7 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce", "find_unused_parameters",
+    "shm_allreduce", "find_unused_parameters", "save_every_minutes",
 })
 
 
@@ -109,7 +109,8 @@ class Config:
     batch_size: int = _f(64, "per-process batch size")
     eval_batch_size: int = _f(256, "per-process evaluation batch size")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    mixed_precision: str | None = _f(None, "no/bf16/fp16 (default: the launch config's, else no)",
+    mixed_precision: str | None = _f(None, "no/bf16/fp16/auto (auto: bf16 where the device computes it "
+                                     "natively, fp16 on older GPUs, else no; default: the launch config's, else no)",
                                      choices=PRECISIONS)
     seed: int = _f(0, "seeds everything: weights, epoch order, per-rank streams, dataset reads")
     # outputs, checkpoints, resume
@@ -120,6 +121,8 @@ class Config:
     overwrite: bool = _f(False, "start fresh in a run directory that has checkpoints or metrics")
     init_from: str | None = _f(None, "start from these weights; fresh optimizer and step count")
     allow_batch_change: bool = _f(False, "allow a resume whose global batch differs")
+    save_every_minutes: float = _f(5.0, "also checkpoint when this many minutes passed since the last "
+                                        "checkpoint, bounding the work a crash loses (0: off)")
     # logging
     log_every: int = _f(50, "step-log cadence in optimizer steps")
     progress: bool = _f(True, "tqdm progress bar on the main process (terminals only)")
@@ -389,7 +392,7 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "max_grad_norm"):
         v = getattr(cfg, name)
         _check(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}")
-    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed"):
+    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed", "save_every_minutes"):
         v = getattr(cfg, name)
         _check(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
     _check(cfg.num_workers is None or cfg.num_workers >= 0,

@@ -17,31 +17,45 @@ from typing import Any
 
 import torch
 
-from disttrain import shm_allreduce
+from disttrain import hardware, shm_allreduce
 from disttrain.config import Config
 from disttrain.errors import UsageError
 from disttrain.signals import SignalTally
 
 
-def resolve_precision(cfg: Config) -> str:
-    """The flag wins, then the launch config (Accelerate exports it), else full precision."""
+def resolve_precision(cfg: Config) -> tuple[str, str]:
+    """(mixed precision, where it came from): the flag wins, then the launch config (Accelerate exports it),
+    else full precision. `auto` picks by the device (hardware.auto_precision)."""
     mp = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
-    if mp not in ("no", "bf16", "fp16"):
-        raise UsageError(f"mixed precision {mp!r} from the launch config is not supported; use no, bf16 or fp16")
+    why = "--mixed-precision" if cfg.mixed_precision else \
+        "the launch config" if os.environ.get("ACCELERATE_MIXED_PRECISION") else "default"
+    if mp not in ("no", "bf16", "fp16", "auto"):
+        raise UsageError(f"mixed precision {mp!r} from the launch config is not supported; use no, bf16, fp16 or auto")
+    if mp == "auto":
+        if torch.cuda.is_available():
+            return hardware.auto_precision("cuda", torch.cuda.is_bf16_supported(including_emulation=False))
+        return hardware.auto_precision("cpu", flags=hardware.cpu_flags())
     if mp == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use bf16 or no")
-    return mp
+        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use auto, bf16 or no")
+    return mp, why
 
 
 def set_threads() -> int:
-    """Intra-op threads = usable cores / processes on this node, unless DISTTRAIN_THREADS says otherwise.
-
-    (torchrun exports OMP_NUM_THREADS=1 for every multi-process job; on CPU that wastes cores.)"""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = int(os.environ.get("DISTTRAIN_THREADS", "0")) or max(1, cores // max(1, local))
+    """Intra-op threads = usable CPUs (affinity mask, cgroup quota) / processes on this node, unless
+    DISTTRAIN_THREADS says otherwise (hardware.default_threads)."""
+    try:
+        n = hardware.default_threads(os.environ, hardware.affinity(), hardware.cgroup_cpu_limit())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     torch.set_num_threads(n)
     return n
+
+
+def contention_watch(acc: Any) -> hardware.ContentionWatch:
+    """While training: one line from the main process if other programs take the CPUs our threads need."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return hardware.ContentionWatch(torch.get_num_threads(), local,
+                                    enabled=acc.is_main_process and acc.device.type == "cpu")
 
 
 def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None = None) -> Any:
@@ -133,7 +147,8 @@ def say(acc: Any, *args: Any) -> None:
         print(*args, flush=True)
 
 
-def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: list[str] | None = None) -> str:
+def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: list[str] | None = None,
+             precision_why: str = "") -> str:
     machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "0")) or 0) or \
         max(1, acc.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
@@ -142,7 +157,7 @@ def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: 
             f"backend {backend}, {threads} thread(s)/process, batch {cfg.batch_size}/process x "
             f"{acc.num_processes} x grad-accum {cfg.grad_accum} = global batch {gb}, gradients averaged by "
             f"{gradient_path(cfg, acc)}, mixed precision "
-            f"{acc.mixed_precision}, {steps_per_epoch} steps/epoch"
+            f"{acc.mixed_precision}{f' ({precision_why})' if precision_why else ''}, {steps_per_epoch} steps/epoch"
             + (f", {len(unused)} parameter(s) unused by the loss ({', '.join(unused[:3])}"
                f"{', ...' if len(unused) > 3 else ''}): "
                + ("DDP finds unused parameters every step" if acc.num_processes > 1 else "they get no gradient")
@@ -170,19 +185,23 @@ class Sync:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
-    def poll(self, flag: bool) -> bool:
-        """Like any(), pipelined: start this poll's all-reduce and return the previous poll's answer, which
-        has long arrived, so no rank waits for the slowest one here. Every rank polls at the same steps and
-        so acts on the same answer at the same step, one poll interval later than a blocking any()."""
+    def poll(self, stop: bool, save: bool = False) -> tuple[bool, bool]:
+        """Like any() for two flags (stop, save a checkpoint), pipelined: start this poll's all-reduce and
+        return the previous poll's answer, which has long arrived, so no rank waits for the slowest one here.
+        Every rank polls at the same steps and so acts on the same answer at the same step, one poll
+        interval later than a blocking any()."""
         if self.n == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+            return stop, save
+        t = torch.tensor([int(stop), int(save)], dtype=torch.int32)
         work = torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
         prev, self._pending = self._pending, (work, t)
-        if prev is None or not (prev[0].wait() and bool(prev[1].item())):
-            return False
-        self.drain()
-        return True
+        if prev is None:
+            return False, False
+        prev[0].wait()
+        got_stop, got_save = (bool(v) for v in prev[1].tolist())
+        if got_stop:
+            self.drain()
+        return got_stop, got_save
 
     def drain(self) -> None:
         """Wait for a poll still in flight (before anything that ends the process group)."""

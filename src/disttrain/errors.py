@@ -13,7 +13,15 @@ class UsageError(Exception):
 
 
 class TrainingError(Exception):
-    """The run itself failed (e.g. non-finite loss). Printed as one line, exit code 1."""
+    """The run itself failed (e.g. non-finite loss). Printed as one line, exit code 1.
+
+    `restartable`: whether starting again from the last checkpoint can succeed (a peer process died or hung:
+    `python -m disttrain.launch --max-restarts N` restarts the group), or would fail the same way (a
+    non-finite loss, a full disk: the default, never restarted)."""
+
+    def __init__(self, message: str, restartable: bool = False):
+        super().__init__(message)
+        self.restartable = restartable
 
 
 MAX_LINE = 600  # characters of an error line; longer ones are cut in the middle (see cut)

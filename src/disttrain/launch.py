@@ -1,4 +1,4 @@
-"""python -m disttrain.launch [accelerate launch options] -- [disttrain.train flags]
+"""python -m disttrain.launch [--max-restarts N] [accelerate launch options] -- [disttrain.train flags]
 
 A thin wrapper around `accelerate launch ... -m disttrain.train`, for scripts and schedulers (slurm/train.sh).
 Plain `accelerate launch` falls short in three ways that matter there:
@@ -15,6 +15,10 @@ Plain `accelerate launch` falls short in three ways that matter there:
 3. The exit code: Accelerate turns every failing worker into exit 1. Here the code comes from the run
    directory's status.json when this attempt wrote it (0 completed, 75 interrupted after a checkpoint,
    1 failed, 2 bad input), else from the child; our one-line reason is printed LAST so users find it.
+4. Self-healing (`--max-restarts N`, before the `--`): when an attempt crashes (a worker killed or raising,
+   a peer lost in a collective), the whole group is started again on the same run directory with `--resume
+   auto`, up to N times; bad input, a requested stop and deterministic failures (non-finite loss) are not
+   restarted. disttrain.recovery says why this is not torchrun's own `--max_restarts`.
 
 Everything before `--` goes to `accelerate launch`, everything after it to disttrain.train; without `--`
 any argument is refused (`--model mlp` could be either), and `--help` before `--` prints this usage.
@@ -33,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from disttrain.config import default_output_dir, parse_config
-from disttrain.errors import EXIT_USAGE, UsageError, cut, one_line
+from disttrain.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, cut, one_line
+from disttrain.recovery import (FAILURE_FILE_ENV, RESTART_ENV, Outcome, Progress, judge, read_failure, restart_env,
+                                restart_flags)
 from disttrain.safe_io import MAX_SMALL, read_json, read_text, write_atomic
 from disttrain.signals import SignalTally
 
@@ -185,14 +191,43 @@ accelerate's options (--config_file launch/cpu-multi.yaml, --num_processes 2, --
 `accelerate launch --help`); after it, disttrain's flags (see `python -m disttrain.train --help`).
 Stop signals (SIGTERM, SIGINT, SIGUSR1) reach the training processes as one SIGTERM: they checkpoint and
 exit 75. The exit code is the run's own (0 done, 2 bad input, 75 stopped after a checkpoint, 1 failed).
+--max-restarts N (before the --): when a worker dies or a collective fails, start the whole group again
+with --resume auto, up to N times (bad input, a requested stop and a non-finite loss are not restarted).
 
 example: python -m disttrain.launch --config_file launch/cpu-multi.yaml --num_processes 2 -- --model mlp --epochs 2
 """
 
 
+def take_max_restarts(opts: list[str]) -> tuple[int, list[str]]:
+    """(--max-restarts N, the accelerate options without it). UsageError for a bad N, and for torchrun's
+    own --max_restarts, which would restart workers without --resume auto (see disttrain.recovery)."""
+    n, rest, i = 0, [], 0
+    while i < len(opts):
+        a = opts[i]
+        if a == "--max-restarts" or a.startswith("--max-restarts="):
+            if "=" in a:
+                value = a.split("=", 1)[1]
+            elif i + 1 < len(opts):
+                value, i = opts[i + 1], i + 1
+            else:
+                raise UsageError("--max-restarts needs a number of restarts")
+            try:
+                n = int(value, 10)
+            except ValueError:
+                raise UsageError(f"--max-restarts must be an integer, got {value!r}") from None
+            if n < 0:
+                raise UsageError(f"--max-restarts must be >= 0, got {n}")
+        elif a == "--max_restarts" or a.startswith("--max_restarts="):
+            raise UsageError(f"{a.split('=')[0]} (torchrun's) restarts workers without --resume auto; use "
+                             "--max-restarts N, which restarts the whole group from the newest checkpoint")
+        else:
+            rest.append(a)
+        i += 1
+    return n, rest
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    acc_opts, flags = split_argv(args)
     before = args[:args.index("--")] if "--" in args else args
     if any(a in ("-h", "--help") for a in before):
         print(USAGE, end="")
@@ -202,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{' '.join(args[:4])}{' ...' if len(args) > 4 else ''}); e.g. python -m disttrain.launch "
               f"--num_processes 2 -- {' '.join(args[:4])}; see --help", file=sys.stderr)
         return EXIT_USAGE
+    acc_opts, flags = split_argv(args)
+    try:
+        max_restarts, acc_opts = take_max_restarts(acc_opts)
+    except UsageError as e:
+        print(f"disttrain: error: {cut(e)}", file=sys.stderr)
+        return EXIT_USAGE
     if check(flags):
         return EXIT_USAGE
     cfg = parse_config(flags, prog=PROG)
@@ -209,41 +250,91 @@ def main(argv: list[str] | None = None) -> int:
         cfg.output_dir = default_output_dir(cfg)
         flags = [*flags, "--output-dir", cfg.output_dir]
     status_file = Path(cfg.output_dir) / "status.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *acc_opts, "-m", "disttrain.train", *flags]
-    start = time.time() - 1.0  # status.json "time" is a wall clock written by another process
+    first_machine = (_option(acc_opts, "--machine_rank") or "0") == "0"
     old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     env = dict(os.environ)
     env.setdefault("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")  # torchrun --signals_to_handle
+    env.pop(RESTART_ENV, None)
+    tmp = tempfile.mkdtemp(prefix="disttrain-launch-")  # what the attempt leaves for us comes back here:
+    failure_file, refusal_file = Path(tmp) / "failure.json", Path(tmp) / "error"  # a failed worker, bad input
+    env[FAILURE_FILE_ENV], env[ERROR_FILE_ENV] = str(failure_file), str(refusal_file)
     fwd = Forwarder()
-    errdir = tempfile.mkdtemp(prefix="disttrain-launch-")  # the trainer's one-line refusal comes back here
-    env[ERROR_FILE_ENV] = os.path.join(errdir, "error")
     with fwd.tally:
         for s in STOP_SIGNALS:
             signal.signal(s, fwd.handler)
+        restarts, attempt_flags = 0, flags
         try:
-            fwd.start(cmd, env)
-            rc = fwd.wait()
+            while True:
+                failure_file.unlink(missing_ok=True)
+                refusal_file.unlink(missing_ok=True)
+                cmd = [sys.executable, "-m", "disttrain.recovery", *acc_opts, "-m", "disttrain.train", *attempt_flags]
+                start = time.time() - 1.0  # status.json "time" is a wall clock written by another process
+                fwd.start(cmd, env)
+                rc = fwd.wait()
+                refusal = _read_refusal(refusal_file)
+                if refusal is not None:  # the trainer refused its input (exit 2): that line is the story, and last
+                    print(refusal, file=sys.stderr)
+                    return EXIT_USAGE
+                # After a stop request, or on machines other than the first, the main rank (maybe on another
+                # node) may write status.json a moment after our child ended: give it a few seconds.
+                expect = rc != 0 and (fwd.received is not None or not first_machine)
+                status = None if cfg.dry_run else read_status(status_file, start, 5.0 if expect else 0.0)
+                out = judge(rc, status, read_failure(failure_file), fwd.received is not None)
+                if not out.restart or restarts >= max_restarts or fwd.received is not None:
+                    break
+                restarts += 1
+                rundir = run_dir(cfg.output_dir)
+                reached = Progress.read(rundir.progress)
+                at = f" (last finished step {reached[0]})" if reached else ""
+                print(f"{PROG}: restart {restarts}/{max_restarts} after {out.cause}{at}; starting the group again "
+                      "from the newest checkpoint", file=sys.stderr)
+                env[RESTART_ENV] = restart_env(restarts, max_restarts, out.cause)
+                attempt_flags = restart_flags(flags, cfg.resume, bool(rundir.step_dirs()))
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    refusal = _read_refusal(Path(env[ERROR_FILE_ENV]))
-    shutil.rmtree(errdir, ignore_errors=True)
-    if refusal is not None:  # the trainer refused its input (exit 2): that line is the story, and last
-        print(refusal, file=sys.stderr)
-        return EXIT_USAGE
-    # After a stop request, or on machines other than the first, the main rank (maybe on another node)
-    # may write status.json a moment after our child ended: give it a few seconds.
-    expect = rc != 0 and (fwd.received is not None or (_option(acc_opts, "--machine_rank") or "0") != "0")
-    status = None if cfg.dry_run else read_status(status_file, start, 5.0 if expect else 0.0)
+            shutil.rmtree(tmp, ignore_errors=True)
+    if out.restart:
+        return give_up(run_dir(cfg.output_dir), out, restarts, max_restarts, write=first_machine and not cfg.dry_run)
     if status is not None and isinstance(status.get("exit_code"), int):
         code, state, reason = status["exit_code"], status.get("state", "?"), status.get("reason") or ""
         where = f" at step {status['step']}" if "step" in status else ""
         print(f"{PROG}: training {state}{where} (exit {code}){': ' + reason if reason else ''}", file=sys.stderr)
         return code
     what = f"stopped by {fwd.received}" if fwd.received else "exited"
-    print(f"{PROG}: training {what} with code {rc}"
-          + ("" if rc == 0 else f" before writing {status_file}; the first error above says why"), file=sys.stderr)
-    return rc
+    print(f"{PROG}: training {what} with code {out.code}"
+          + ("" if out.code == 0 else f" before writing {status_file}; the first error above says why"),
+          file=sys.stderr)
+    return out.code
+
+
+def run_dir(path: str) -> Any:
+    """The run directory's layout (checkpoint.RunDir), imported only after a failure: disttrain.checkpoint
+    imports torch, which the launcher otherwise never loads (it starts in a tenth of a second)."""
+    from disttrain.checkpoint import RunDir
+
+    return RunDir(path)
+
+
+def give_up(rundir: Any, out: Outcome, restarts: int, max_restarts: int, write: bool) -> int:
+    """A crash with no restart left: status.json says why (first machine), one line, exit 1."""
+    if max_restarts:
+        reason = f"giving up after {restarts} restart(s) (--max-restarts {max_restarts}); last failure: {out.cause}"
+    else:
+        reason = f"{out.cause}; not restarted (--max-restarts 0)"
+    reached = Progress.read(rundir.progress)
+    if write and rundir.path.is_dir():
+        try:
+            from disttrain.checkpoint import write_json
+
+            write_json(rundir.status, {"state": "failed", "exit_code": EXIT_FAILURE,
+                                       "step": reached[0] if reached else None, "reason": reason,
+                                       "restartable": True, "restarts": restarts, "time": time.time()})
+        except OSError as e:
+            print(f"disttrain: warning: cannot write {rundir.status}: {one_line(e)}", file=sys.stderr)
+    where = f" at step {reached[0]}" if reached else ""
+    print(f"{PROG}: training failed{where} (exit {EXIT_FAILURE}): {reason}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 def _entry() -> None:

@@ -13,7 +13,9 @@ from disttrain.safe_io import (MAX_LINE, MAX_METRICS, UnsafeInput, check_entry, 
 
 class MetricsLog:
     """Append-only JSON lines. On resume the lines written after the checkpoint are dropped, so after
-    any number of resumes the file reads like one uninterrupted run (plus one "resume" line each)."""
+    any number of resumes the file reads like one uninterrupted run (plus one "resume" line each). The
+    "restart" lines among them are kept: each records a failure that happened, even one whose attempt died
+    before its first checkpoint."""
 
     def __init__(self, path: Path, enabled: bool, tracker: Any = None):
         self.path, self.enabled, self.tracker = path, enabled, tracker
@@ -27,7 +29,9 @@ class MetricsLog:
             return
         src = source if source is not None else self.path
         raw = read_bytes(src, MAX_METRICS) if check_entry(src, "file") else b""
-        lines = raw.splitlines(keepends=True)[:keep_lines]
+        lines = raw.splitlines(keepends=True)
+        kept = [ln for ln in lines[keep_lines:] if _kind(ln) == "restart"] if source is None else []
+        lines = lines[:keep_lines] + kept
         write_atomic(self.path, b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines))
         self._f = open_append(self.path)
         self._n = len(lines)
@@ -50,6 +54,13 @@ class MetricsLog:
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def _kind(line: str) -> Any:
+    try:
+        return json.loads(line).get("kind")
+    except (ValueError, AttributeError):  # a line cut short by a kill
+        return None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -18,14 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from disttrain import checkpoint as ckpt
 from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, find_unused_parameters,
-                                   is_launched, make_accelerator, plain_module, resolve_precision, say, set_threads,
-                                   shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
+                                   find_unused_parameters, is_launched, make_accelerator, plain_module,
+                                   resolve_precision, say, set_threads, shutdown, share_gradients,
+                                   start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               cut, one_line)
 from disttrain.evaluate import evaluate
@@ -33,6 +35,7 @@ from disttrain.launch import report_refusal
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
+from disttrain.recovery import Progress, SaveClock, restart_line, restart_record
 from disttrain.state import (Position, checkpoint_files, load_model_weights, position_dict, restore_after_prepare,
                              restore_before_prepare, resume_config, seed_rank_streams)
 from disttrain.summary import write_summary
@@ -63,6 +66,8 @@ class Run:
     pos: Position
     total_steps: int
     model_meta: dict[str, Any]
+    progress: Progress  # the last finished step, for the launcher's restarts (main process)
+    save_clock: SaveClock  # --save-every-minutes
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
     bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
@@ -160,6 +165,7 @@ def train(r: Run) -> None:
                 opt.step()
             r.scheduler.step()
             pos.step, pos.window = pos.step + 1, pos.window + 1
+            r.progress.mark(pos.step)
             meter.add(torch.zeros_like(window_loss) if skipped else window_loss,
                       0 if skipped else window.n_samples, pos.step)
             if bar is not None:
@@ -167,14 +173,17 @@ def train(r: Run) -> None:
             # --- bookkeeping at step boundaries: logs, agreed stop, periodic checkpoints
             if pos.step % cfg.log_every == 0:
                 _log_step(r, meter, steps_per_epoch)
-            # agreed stop: every step on one process; across processes a pipelined poll every STOP_EVERY
-            # steps (never waits on a gloo round trip), so all ranks stop after the same step, at most
-            # 2 * STOP_EVERY - 1 steps after the signal
-            if (r.sync.n == 1 or pos.step % STOP_EVERY == 0) and r.sync.poll(r.stop.received is not None):
+            # agreed stop and time-based checkpoint: every step on one process; across processes a
+            # pipelined poll every STOP_EVERY steps (never waits on a gloo round trip), so all ranks stop or
+            # save after the same step, at most 2 * STOP_EVERY - 1 steps after the signal or the deadline
+            stop = save_due = False
+            if r.sync.n == 1 or pos.step % STOP_EVERY == 0:
+                stop, save_due = r.sync.poll(r.stop.received is not None, r.save_clock.due())
+            if stop:
                 _save(r, meter)
                 raise Interrupted(r.stop.received or "a signal on another rank")
             last = pos.window == steps_per_epoch or pos.step >= r.total_steps
-            if cfg.save_every_steps and pos.step % cfg.save_every_steps == 0 and not last:
+            if (save_due or cfg.save_every_steps and pos.step % cfg.save_every_steps == 0) and not last:
                 _save(r, meter)
             if pos.step >= r.total_steps:
                 break
@@ -280,6 +289,7 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     if r.sync.any(failed is not None):
         raise failed or TrainingError(f"the main process could not write checkpoint {path}; stopping")
     r.acc.wait_for_everyone()
+    r.save_clock.reset()
     r.save_s += time.perf_counter() - t
     return path
 
@@ -376,7 +386,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     `started`: when this attempt began (time.time(); elapsed_s counts start-up)."""
     started = time.time() if started is None else started
     cfg, resume_note = resume_config(cfg)  # --resume: the saved run's config, explicit flags changed
-    cfg.mixed_precision = resolve_precision(cfg)
+    cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
@@ -387,7 +397,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
         say(acc, resume_note)
     _claim(acc, rundir)  # (a killed run's orphaned workers may still be saving: never read under them)
     try:
-        run = _setup_run(cfg, stop, acc, rundir, threads, started)
+        run = _setup_run(cfg, stop, acc, rundir, threads, started, precision_why)
     except BaseException:
         rundir.abandon()  # refused before anything was written: leave no lock file nor directory behind
         raise
@@ -397,7 +407,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
 
 
 def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, threads: int,
-               started: float) -> Run | None:
+               started: float, precision_why: str) -> Run | None:
     """setup() with the run directory locked."""
     source = _resume_source(cfg, rundir)
     saved = ckpt.load_checkpoint(source) if source is not None else None
@@ -427,7 +437,7 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     scheduler = build_scheduler(cfg, optimizer, total)
     if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
         schema.check_resume_fits(saved, model, optimizer, scheduler, source)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -437,6 +447,7 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
                   + (f"would resume from {source} at step {saved['state.json']['position']['step']}"
                      if saved is not None else "would start fresh") + " (nothing written)")
         return None
+    previous = Progress.read(rundir.progress) if acc.is_main_process else None  # a failed attempt's last step
     # ---- from here on we write into the run directory
     if acc.is_main_process:
         rundir.claim()
@@ -462,8 +473,14 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     if saved is not None:
         metrics.write({"kind": "resume", "step": pos.step, "checkpoint": str(source)})
         say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
+    # started again by `disttrain.launch --max-restarts` after a crash: say what it cost
+    restart = restart_record(pos.step, previous) if acc.is_main_process else None
+    if restart is not None:
+        metrics.write(restart)
+        say(acc, restart_line(restart))
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
-               total, meta, attempt_start=started)
+               total, meta, Progress(rundir.progress, acc.is_main_process),
+               SaveClock(cfg.save_every_minutes, acc.is_main_process), attempt_start=started)
 
 
 def _earlier_metrics(rundir: ckpt.RunDir, source: ckpt.Path | None) -> ckpt.Path | None:
@@ -522,11 +539,12 @@ def _close_bar(r: Run | None) -> None:
         r.bar = None
 
 
-def _write_status(r: Run | None, state: str, code: int, reason: str) -> None:
+def _write_status(r: Run | None, state: str, code: int, reason: str, restartable: bool = False) -> None:
+    """status.json (main process). `restartable`: whether `disttrain.launch --max-restarts` may start again."""
     if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
         try:
             ckpt.write_json(r.rundir.status, {"state": state, "exit_code": code, "step": r.pos.step,
-                                              "reason": reason, "time": time.time()})
+                                              "reason": reason, "restartable": restartable, "time": time.time()})
         except OSError as e:  # e.g. the disk that stopped the run is still full: the exit code still tells
             print(f"disttrain: warning: cannot write {r.rundir.status}: {one_line(e)}", file=sys.stderr)
 
@@ -542,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         r = setup(cfg, stop, started)
         if r is None:
             return EXIT_OK
-        with stop:  # also around the export: a late signal must not kill the run before status.json
+        # stop: also around the export (a late signal must not kill the run before status.json)
+        with stop, contention_watch(r.acc):
             train(r)
             finish(r)
             _write_status(r, "completed", EXIT_OK, "")
@@ -561,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except TrainingError as e:
         _close_bar(r)
-        _write_status(r, "failed", EXIT_FAILURE, cut(e))
+        _write_status(r, "failed", EXIT_FAILURE, cut(e), e.restartable)
         print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {cut(e)}", file=sys.stderr)
         return EXIT_FAILURE
     except RuntimeError as e:
@@ -582,12 +601,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if r is not None:
             r.metrics.close()
+            r.progress.close()
             if r.cfg.log_with and r.acc.is_main_process:
                 for t in r.acc.trackers:  # not end_training(): that also tears down the process group
                     t.finish()
             r.rundir.unlock()
 
 
+@record  # torchrun's agent: an uncaught exception goes to its error file, so the launcher can name the cause
 def _entry() -> None:
     code = main()
     sys.stdout.flush()

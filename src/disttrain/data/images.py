@@ -55,8 +55,8 @@ def decode(path: str | Path, channels: int | None = None, size: tuple[int, int] 
         data = read_bytes(p, MAX_FILE_BYTES)
     except FileNotFoundError:
         raise ImageError("no such file") from None
-    except UnsafeInput as e:
-        raise ImageError(one_line(e)) from None
+    except UnsafeInput as e:  # (its message starts with the path; ours are read after the path)
+        raise ImageError(one_line(e).removeprefix(f"{p}: ")) from None
     except OSError as e:
         raise ImageError(f"unreadable ({one_line(e)})") from None
     return decode_bytes(data, str(p), channels, size)
