@@ -4,7 +4,6 @@ several ranks, odd dataset sizes, random DataLoader workers, batch norm, views, 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 
 import pytest
