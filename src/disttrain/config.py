@@ -23,7 +23,7 @@ from typing import Any
 from disttrain.errors import UsageError, one_line
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic_regression", "synthetic_classification")
-MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18")
+MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18", "gpt")
 LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "onecycle", "step")
@@ -32,6 +32,12 @@ AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+TEXT_PREFIX = "text:"  # --dataset text:PATH, a UTF-8 file or folder of files (data/text.py)
+
+
+def is_plugin(name: str) -> bool:
+    """A `module:function` plug-in name (importing it runs code); `text:PATH` is not one."""
+    return bool(PLUGIN_RE.match(name)) and not name.startswith(TEXT_PREFIX)
 
 # Keys a resume may change: run length, cadence, logging and where things live.
 RESUMABLE_KEYS = frozenset({
@@ -56,12 +62,13 @@ class Config:
 
     config: str | None = _f(None, "YAML file of the same keys (snake_case)")
     # data
-    dataset: str = _f("fashion_mnist", f"built-in {DATASETS} or module:function")
+    dataset: str = _f("fashion_mnist", f"built-in {DATASETS}, text:PATH (UTF-8 file or folder) or module:function")
     dataset_kwargs: dict = _f({}, "JSON object of keyword arguments for the dataset factory")
     data_dir: str = _f("./data", "where datasets live")
     val_fraction: float = _f(0.0, "deterministic hold-out of the training set for validation")
     augment: str = _f("none", "batch-wise augmentation for image datasets", choices=AUGMENTS)
     num_workers: int | None = _f(None, "DataLoader workers for non-tensor datasets (auto)")
+    block_size: int = _f(64, "text datasets: tokens per training window (the model's context length)")
     # model
     model: str = _f("cnn", f"built-in {MODELS} or module:function")
     model_kwargs: dict = _f({}, "JSON object of keyword arguments for the model factory")
@@ -250,8 +257,12 @@ def validate(cfg: Config) -> None:
     for name in ("dataset", "model"):
         v = getattr(cfg, name)
         builtin = DATASETS if name == "dataset" else MODELS
-        _check(v in builtin or bool(PLUGIN_RE.match(v)),
-               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)} or module:function")
+        text = name == "dataset" and v.startswith(TEXT_PREFIX)
+        _check(v in builtin or bool(PLUGIN_RE.match(v)) or text,
+               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)}"
+               f"{', text:PATH' if name == 'dataset' else ''} or module:function")
+        _check(not text or Path(v[len(TEXT_PREFIX):]).exists(),
+               f"--dataset {v}: no such file or directory {v[len(TEXT_PREFIX):]!r}")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
                           ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",))):
@@ -259,7 +270,7 @@ def validate(cfg: Config) -> None:
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")
     positive = ("lr", "batch_size", "eval_batch_size", "epochs", "grad_accum", "log_every", "keep_last",
-                "dist_timeout", "max_nonfinite_skips")
+                "dist_timeout", "max_nonfinite_skips", "block_size")
     for name in positive:
         v = getattr(cfg, name)
         _check(v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}")

@@ -43,9 +43,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
-    """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint."""
+    """(model in eval mode on CPU/GPU, DataSpec, model.json) of an image classifier."""
+    net, spec, meta = load_saved_model(checkpoint, model, trust_plugins)
+    if spec.task != "classification":
+        raise UsageError(f"--checkpoint {checkpoint}: a {spec.task} model; predict classifies images")
+    if len(spec.input_shape) != 3 or spec.input_shape[0] not in MODES:
+        raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, not "
+                         "1- or 3-channel images [C, H, W]" + ("; for text models use python -m "
+                                                               "disttrain.generate" if spec.vocab else ""))
+    return net, spec, meta
+
+
+def load_saved_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
+    """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint;
+    any kind of model (predict and generate share it)."""
     from disttrain import checkpoint as ckpt
-    from disttrain.config import PLUGIN_RE
+    from disttrain.config import is_plugin
     from disttrain.data import DataSpec
     from disttrain.models import build_model
 
@@ -53,15 +66,10 @@ def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = 
     if not meta or "spec" not in meta:
         raise UsageError(f"--checkpoint {checkpoint}: no model.json beside the weights; cannot rebuild the model")
     name = model or meta["model"]
-    if PLUGIN_RE.match(name) and not trust_plugins and not model:
+    if is_plugin(name) and not trust_plugins and not model:
         raise UsageError(f"the saved model is the plug-in {name}: importing it runs its code; pass --trust-plugins "
                          "or --model to allow it")
     spec = DataSpec(**meta["spec"])
-    if spec.task != "classification":
-        raise UsageError(f"--checkpoint {checkpoint}: a {spec.task} model; predict classifies images")
-    if len(spec.input_shape) != 3 or spec.input_shape[0] not in MODES:
-        raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, not "
-                         "1- or 3-channel images [C, H, W]")
     net = build_model(name, meta.get("model_kwargs") or {}, spec)
     missing = set(net.state_dict()) ^ set(sd)
     if missing:

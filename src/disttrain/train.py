@@ -189,6 +189,8 @@ def _end_epoch(r: Run, meter: Meter) -> None:
                                 prefix=split))
     rec["lr"] = pos.last_lr
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
+    if r.data.spec.vocab:
+        rec["tokens_per_sec"] = rec["samples_per_sec"] * r.data.spec.input_shape[0]
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
     say(r.acc, epoch_line(rec, cfg.epochs))
@@ -213,13 +215,15 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     rec = {"kind": "step", "epoch": r.pos.epoch + 1, "step": r.pos.step, "train_loss": s / max(1, n),
            "lr": r.pos.last_lr, "samples_per_sec": n / dt, "step_time_s": dt / max(1, meter.steps_interval),
            "data_wait_fraction": wait}
+    if r.data.spec.vocab:  # text: windows of block_size tokens
+        rec["tokens_per_sec"] = rec["samples_per_sec"] * r.data.spec.input_shape[0]
     meter.interval_sum.zero_()
     meter.n_interval = meter.steps_interval = 0
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
         say(r.acc, step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
-                              rec["lr"], rec["samples_per_sec"], wait))
+                              rec["lr"], rec["samples_per_sec"], wait, rec.get("tokens_per_sec")))
 
 
 def _skip_nonfinite(r: Run, window_loss: torch.Tensor) -> bool:

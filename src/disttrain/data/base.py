@@ -26,6 +26,7 @@ class DataSpec:
     classes: list[str] | None = None
     mean: list[float] | None = None  # set for uint8 images: x/255, then (x - mean) / std
     std: list[float] | None = None
+    vocab: list[str] | None = None  # text datasets: the string of each token id (data/text.py)
 
 
 def normalize_uint8(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
