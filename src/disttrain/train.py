@@ -162,6 +162,8 @@ def train(r: Run) -> None:
                 _save(r, meter)
                 raise Interrupted(r.stop.received or "a signal on another rank")
             last = pos.window == steps_per_epoch or pos.step >= r.total_steps
+            if cfg.eval_every_steps and pos.step % cfg.eval_every_steps == 0 and not last:
+                _eval_line(r, meter)
             if cfg.save_every_steps and pos.step % cfg.save_every_steps == 0 and not last:
                 _save(r, meter)
             if pos.step >= r.total_steps:
@@ -204,6 +206,22 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     path = _save(r, meter)
     if improved and r.acc.is_main_process:
         ckpt.save_best(r.rundir, path, pos.best)
+
+
+def _eval_line(r: Run, meter: Meter) -> None:
+    """--eval-every-steps: evaluate the validation set inside an epoch (a "kind": "eval" line); its time is
+    left out of the throughput figures. Selection of the best checkpoint stays at epoch ends."""
+    if r.data.val is None:
+        return
+    t = time.perf_counter()
+    rec: dict[str, Any] = {"kind": "eval", "epoch": r.pos.epoch + 1, "step": r.pos.step}
+    rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val", prefix="val"))
+    rec["elapsed_s"] = _elapsed(r)
+    r.metrics.write(rec)
+    say(r.acc, f"step {r.pos.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
+    dt = time.perf_counter() - t
+    r.save_s += dt
+    meter.t_interval += dt
 
 
 def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
