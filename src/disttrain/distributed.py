@@ -102,13 +102,31 @@ def share_gradients(cfg: Config, acc: Any, model: Any) -> None:
             model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
 
 
+def find_unused_parameters(acc: Any, unused: list[str]) -> None:
+    """Parameters the pre-flight loss never reached (a head `forward` skips, one used on some steps): DDP
+    must then look for them after every forward (find_unused_parameters), else all ranks die at the next
+    step waiting for their gradients. Globally unused parameters keep `grad=None`, as on one process."""
+    if unused and acc.num_processes > 1 and acc.ddp_handler is not None:
+        acc.ddp_handler.find_unused_parameters = True
+
+
+def plain_module(acc: Any, model: Any) -> torch.nn.Module:
+    """The user's own module under every wrapper (DDP, torch.compile's `_orig_mod`, Accelerate's fp32
+    wrapper kept): its state_dict keys are the ones a plain `load_state_dict` expects, so every saved
+    weight file loads into the unwrapped model, compiled or not."""
+    m = acc.unwrap_model(model, keep_torch_compile=False)
+    while isinstance(getattr(m, "_orig_mod", None), torch.nn.Module):  # compiled before DDP wrapped it
+        m = m._orig_mod
+    return m
+
+
 def say(acc: Any, *args: Any) -> None:
     """print() on the global main process only (Accelerate's print is once per node)."""
     if acc.is_main_process:
         print(*args, flush=True)
 
 
-def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
+def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: list[str] | None = None) -> str:
     machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "0")) or 0) or \
         max(1, acc.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
@@ -117,7 +135,11 @@ def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
             f"backend {backend}, {threads} thread(s)/process, batch {cfg.batch_size}/process x "
             f"{acc.num_processes} x grad-accum {cfg.grad_accum} = global batch {gb}, gradients averaged by "
             f"{gradient_path(cfg, acc)}, mixed precision "
-            f"{acc.mixed_precision}, {steps_per_epoch} steps/epoch")
+            f"{acc.mixed_precision}, {steps_per_epoch} steps/epoch"
+            + (f", {len(unused)} parameter(s) unused by the loss ({', '.join(unused[:3])}"
+               f"{', ...' if len(unused) > 3 else ''}): "
+               + ("DDP finds unused parameters every step" if acc.num_processes > 1 else "they get no gradient")
+               if unused else ""))
 
 
 class Sync:

@@ -22,14 +22,17 @@ import torch
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
-                                   say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
+from disttrain.distributed import (StopSignal, Sync, broadcast_str, find_unused_parameters, is_launched,
+                                   make_accelerator, plain_module, resolve_precision, say, set_threads, shutdown,
+                                   share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
+from disttrain.state import (Position, checkpoint_files, load_model_weights, position_dict, restore_after_prepare,
+                             restore_before_prepare, seed_rank_streams)
 from disttrain.summary import write_summary
 
 
@@ -38,24 +41,6 @@ STOP_EVERY = 4  # steps between stop-flag agreements in multi-process runs
 
 class Interrupted(Exception):
     """A stop signal was agreed on; a checkpoint has been written."""
-
-
-@dataclass
-class Position:
-    """Where the loop is; saved in every checkpoint (state.json) and restored on resume."""
-
-    epoch: int = 0  # 0-based epoch in progress
-    window: int = 0  # optimizer steps done in this epoch
-    step: int = 0  # optimizer steps done in the run
-    epoch_loss: float = 0.0  # sum of per-sample training losses so far this epoch, all ranks
-    epoch_count: int = 0
-    epoch_train_s: float = 0.0
-    elapsed_s: float = 0.0  # wall time of earlier attempts, up to their last checkpoint
-    best: dict[str, Any] | None = None
-    nonfinite_skips: int = 0
-    resumes: int = 0
-    checkpoints: int = 0
-    last_lr: float = 0.0
 
 
 @dataclass
@@ -131,13 +116,14 @@ def train(r: Run) -> None:
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
             for i, (x, y) in enumerate(window):
-                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches
-                with acc.no_sync(model) if i < len(window) - 1 else nullcontext():
+                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches;
+                #     window.mode: a rank with no sample left in the epoch's last step joins with weight 0
+                with acc.no_sync(model) if i < len(window) - 1 else nullcontext(), window.mode(model):
                     losses = r.loss_fn(model(x), y)  # per-sample losses, shape [batch]
-                    # --- sum / samples in the window: each sample weighs the same on any world size,
-                    #     micro-batching or partial last window (DDP then averages over ranks)
-                    acc.backward(losses.sum() / window.n_samples)
-                s = losses.detach().sum(dtype=torch.float64)
+                    # --- sum x processes / samples in the step (all ranks): after DDP's average over ranks
+                    #     each sample weighs the same on any world size, micro-batching or partial last step
+                    acc.backward(losses.sum() * window.weight)
+                s = losses.detach().sum(dtype=torch.float64) * (not window.placeholder)
                 window_loss = s if window_loss is None else window_loss + s
             # --on-nonfinite skip: no update, but the step slot (schedule, data position) is used up
             skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
@@ -269,7 +255,7 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     t = time.perf_counter()
     s, n, bad = meter.read(r.acc, "epoch")  # never save after a non-finite loss
     _fail_if_bad(r, bad)
-    model = r.acc.unwrap_model(r.model)
+    model = plain_module(r.acc, r.model)
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
     rng = ckpt.gather_rng(r.acc)
@@ -277,9 +263,9 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     failed: TrainingError | None = None
     if r.acc.is_main_process:
         r.pos.checkpoints += 1
-        state = dataclasses.asdict(r.pos) | {"elapsed_s": _elapsed(r), "metrics_lines": r.metrics.lines(),
-                                             "epoch_loss": r.pos.epoch_loss + s, "epoch_count": r.pos.epoch_count + n}
-        files = _checkpoint_files(r, model, rng, state)
+        position = position_dict(r.pos, elapsed_s=_elapsed(r), metrics_lines=r.metrics.lines(),
+                                 epoch_loss=r.pos.epoch_loss + s, epoch_count=r.pos.epoch_count + n)
+        files = checkpoint_files(r, model, rng, position)
         try:
             path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last)
         except TrainingError as e:  # disk full / unwritable: every rank stops together, exit 1
@@ -289,27 +275,6 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     r.acc.wait_for_everyone()
     r.save_s += time.perf_counter() - t
     return path
-
-
-def _checkpoint_files(r: Run, model: Any, rng: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
-    opt_tensors, opt_meta = ckpt.optimizer_to_files(r.optimizer.state_dict())
-    files: dict[str, Any] = {
-        "model.safetensors": model.state_dict(),
-        "optimizer.safetensors": opt_tensors,
-        "optimizer.json": opt_meta,
-        "scheduler.json": r.scheduler.state_dict(),
-        "rng.safetensors": rng,
-        "model.json": r.model_meta,
-        "state.json": {"position": state, "world_size": r.acc.num_processes, "global_batch": _global_batch(r),
-                       "config": r.cfg.to_dict(), "torch": torch.__version__},
-    }
-    if getattr(r.acc, "scaler", None) is not None:
-        files["scaler.json"] = r.acc.scaler.state_dict()
-    return files
-
-
-def _global_batch(r: Run) -> int:
-    return r.cfg.batch_size * r.acc.num_processes * r.cfg.grad_accum
 
 
 def _elapsed(r: Run) -> float:
@@ -391,15 +356,16 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     if cfg.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cpu":
         raise UsageError("--sync-batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); "
                          "batch-norm statistics stay per process")
-    x, y = next(iter(next(data.train_windows(0))))
-    check_batch(model, loss_fn, x, y, data.spec, name)
+    unused, channels_last = _preflight(acc, model, loss_fn, data, name, channels_last)
+    find_unused_parameters(acc, unused)
+    seed_rank_streams(cfg.seed, acc.process_index)  # training draws (dropout) differ per rank from here on
     if cfg.init_from:
-        _load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
+        load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
     optimizer = build_optimizer(cfg, model)
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     scheduler = build_scheduler(cfg, optimizer, total)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads))
+    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused))
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -416,7 +382,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         ckpt.write_atomic(rundir.config, to_yaml(cfg).encode())
     pos = Position()
     if saved is not None:
-        pos = _restore(saved, cfg, acc, model, optimizer, scheduler, source)
+        pos = restore_before_prepare(saved, cfg, acc, model, scheduler, source)
     if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, below)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.compile:
@@ -424,10 +390,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     model, optimizer = acc.prepare(model, optimizer)  # NOT the loaders (re-sharding) nor the scheduler
     share_gradients(cfg, acc, model)  # one machine, CPU: all-reduce through shared memory, not gloo's TCP
     if saved is not None:
-        optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
-                                                           saved["optimizer.json"]))
-        if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
-            acc.scaler.load_state_dict(saved["scaler.json"])
+        restore_after_prepare(saved, acc, optimizer)
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
@@ -438,38 +401,23 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
                total, meta)
 
 
-def _restore(saved: dict[str, Any], cfg: Config, acc: Any, model: Any, optimizer: Any, scheduler: Any,
-             source: Any) -> Position:
-    state = saved["state.json"]
-    p = state["position"]
-    pos = Position(**{k: p[k] for k in Position.__dataclass_fields__ if k in p})
-    pos.resumes += 1
-    _load_model_weights(model, saved["model.safetensors"], f"checkpoint {source}")
-    scheduler.load_state_dict(saved["scheduler.json"])
-    if state["global_batch"] != _gb(cfg, acc):  # --allow-batch-change: continue from the sample count
-        pos.window = pos.window * state["global_batch"] // _gb(cfg, acc)
-    rng = saved["rng.safetensors"]
-    if state["world_size"] == acc.num_processes:
-        ckpt.set_rng_state({k: rng[f"rank{acc.process_index}.{k}"] for k in ckpt.RNG_PARTS})
-    else:  # other world size: per-rank streams cannot carry over; derive fresh ones
-        say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
-                  "per-rank RNG streams (dropout) restart from the seed")
-        torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
-    return pos
-
-
-def _gb(cfg: Config, acc: Any) -> int:
-    return cfg.batch_size * acc.num_processes * cfg.grad_accum
-
-
-def _load_model_weights(model: Any, sd: dict[str, torch.Tensor], what: str) -> None:
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or bad_shape:
-        raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"shape mismatch {bad_shape[:3]})")
-    model.load_state_dict(sd)
+def _preflight(acc: Any, model: Any, loss_fn: Any, data: Data, loss: str,
+               channels_last: bool) -> tuple[list[str], bool]:
+    """One batch through the model before anything is written (models.check_batch): (unused parameters,
+    channels_last still on). channels_last is our default, never the user's: a model it breaks (a `view` of
+    a conv output) runs in the standard format instead, and a note says so."""
+    x, y = next(iter(next(data.train_windows(0))))
+    try:
+        return check_batch(model, loss_fn, x, y, data.spec, loss), channels_last
+    except UsageError as e:
+        if not channels_last:
+            raise
+        model.to(memory_format=torch.contiguous_format)
+        data.channels_last = False
+        unused = check_batch(model, loss_fn, x.contiguous(), y, data.spec, loss)  # still failing: the model's error
+        say(acc, f"disttrain: note: channels_last memory format turned off: the model fails with it "
+                  f"({one_line(e)[:160]}); training in the standard format")
+        return unused, False
 
 
 def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -> Any:
@@ -485,7 +433,7 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
-    model = r.acc.unwrap_model(r.model)
+    model = plain_module(r.acc, r.model)
     if r.acc.is_main_process:
         ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from disttrain.config import TEXT_PREFIX, Config
-from disttrain.data.base import ArrayDataset, DataSpec, import_plugin, normalize_uint8
+from disttrain.data.base import ArrayDataset, DataSpec, as_pairs, import_plugin, normalize_uint8
 from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset, locate
 from disttrain.data.order import Data, Window, augment_batch
 from disttrain.data.synthetic import synthetic_classification, synthetic_regression
@@ -105,6 +105,7 @@ def load_data(cfg: Config, accelerator: Any) -> Data:
             fn = import_plugin(name, "--dataset")
         with accelerator.local_main_process_first():
             train, test = _dataset_from_factory(cfg, fn)
+        train, test = as_pairs(train, f"--dataset {name}"), as_pairs(test, f"--dataset {name} (eval set)")
         train, test = _as_array_dataset(train), _as_array_dataset(test)
         task, n_out, tshape = _target_info(train)
         x0 = torch.as_tensor(train[0][0])

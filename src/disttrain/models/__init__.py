@@ -45,10 +45,25 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-                loss_name: str) -> None:
-    """One real forward + loss before training, so a shape mismatch is reported in seconds."""
+                loss_name: str) -> list[str]:
+    """The pre-flight batch: one real forward + loss before training, so a shape mismatch is reported in
+    seconds. Runs in train mode with autograd recording (no backward), so it also finds the trainable
+    parameters the loss never reaches; returns their names. Leaves no trace on the model: buffers (batch-norm
+    statistics, `num_batches_tracked`) are put back; the caller keeps the RNG (train.setup). UsageError
+    naming the shapes when the model does not fit the data."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
+        return _check_batch(model, loss_fn, x, y, spec, loss_name)
+    finally:
         with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
+                 loss_name: str) -> list[str]:
+    try:
+        with torch.enable_grad():
             out = model(x)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--model does not accept the data: input batch of shape {list(x.shape)} "
@@ -68,3 +83,21 @@ def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor
     loss = loss_fn(out.float(), y)
     if loss.shape != (len(y),):
         raise UsageError(f"--loss {loss_name} gave per-sample shape {list(loss.shape)}, expected [{len(y)}]")
+    reached = _parameters_reached(loss)
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def _parameters_reached(t: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors `t` depends on through autograd: the walk DDP's find_unused_parameters does
+    after every forward (torch/nn/parallel/distributed.py), done once here."""
+    seen, ids, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the parameter
+        if var is not None:
+            ids.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return ids

@@ -1,0 +1,148 @@
+"""What a checkpoint holds, assembled outside the loop: the position, the model, optimizer, scheduler,
+grad scaler and every rank's RNG streams.
+
+Two functions are the whole contract with train.py:
+
+- `checkpoint_files(r, ...)` builds the `{file name: content}` mapping that `checkpoint.save_checkpoint`
+  writes (tensors -> .safetensors, anything else -> .json);
+- `restore(saved, r_parts...)` puts a loaded checkpoint back, in two halves: `restore_before_prepare` (model
+  weights, scheduler, RNG, position: before Accelerate wraps the model) and `restore_after_prepare`
+  (optimizer and grad-scaler state, which must see the prepared objects).
+
+A new kind of state (an EMA of the weights, sharded FSDP state) adds its file in `checkpoint_files` and its
+restore in one of the two halves; the loop does not change. Only checkpoint.py knows how files are laid out
+on disk; this module only knows what they mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from disttrain import checkpoint as ckpt
+from disttrain.config import Config
+from disttrain.distributed import say
+
+if TYPE_CHECKING:  # train.py imports this module; the type only
+    from disttrain.train import Run
+
+
+@dataclass
+class Position:
+    """Where the loop is; saved in every checkpoint (state.json "position") and restored on resume."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    window: int = 0  # optimizer steps done in this epoch
+    step: int = 0  # optimizer steps done in the run
+    epoch_loss: float = 0.0  # sum of per-sample training losses so far this epoch, all ranks
+    epoch_count: int = 0
+    epoch_train_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time of earlier attempts, up to their last checkpoint
+    best: dict[str, Any] | None = None
+    nonfinite_skips: int = 0
+    resumes: int = 0
+    checkpoints: int = 0
+    last_lr: float = 0.0
+
+    @classmethod
+    def from_saved(cls, p: dict[str, Any]) -> Position:
+        """From a checkpoint's state.json "position" (keys it does not know are ignored)."""
+        return cls(**{k: p[k] for k in cls.__dataclass_fields__ if k in p})
+
+
+def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this process's training streams (torch CPU and CUDA, numpy, Python `random`: dropout and any
+    draw a model makes) from (seed, rank, step) through numpy's SeedSequence, so ranks draw different
+    masks, each a function of the seed and its rank. Called after the model is built (initial weights come
+    from `--seed` alone, the same on every rank); `step` is nonzero only when a resume on another world size
+    cannot carry the saved streams over."""
+    import numpy as np
+
+    s = int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(1, np.uint64)[0]) >> 1
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def global_batch(cfg: Config, world: int) -> int:
+    """Samples per optimizer step over all ranks: batch-size x processes x grad-accum."""
+    return cfg.batch_size * world * cfg.grad_accum
+
+
+# --------------------------------------------------------------------------- save
+
+
+def checkpoint_files(r: Run, model: torch.nn.Module, rng: dict[str, torch.Tensor],
+                     position: dict[str, Any]) -> dict[str, Any]:
+    """The files of one checkpoint (main process). `model` is the unwrapped module, `rng` every rank's RNG
+    state (checkpoint.gather_rng, a collective done by all ranks before), `position` the Position as a dict
+    with the loop's not-yet-folded sums added. Returns {file name: tensors dict or JSON-able object}."""
+    opt_tensors, opt_meta = ckpt.optimizer_to_files(r.optimizer.state_dict())
+    files: dict[str, Any] = {
+        "model.safetensors": model.state_dict(),
+        "optimizer.safetensors": opt_tensors,
+        "optimizer.json": opt_meta,
+        "scheduler.json": r.scheduler.state_dict(),
+        "rng.safetensors": rng,
+        "model.json": r.model_meta,
+        "state.json": {"position": position, "world_size": r.acc.num_processes,
+                       "global_batch": global_batch(r.cfg, r.acc.num_processes),
+                       "config": r.cfg.to_dict(), "torch": torch.__version__},
+    }
+    if getattr(r.acc, "scaler", None) is not None:
+        files["scaler.json"] = r.acc.scaler.state_dict()
+    return files
+
+
+def position_dict(pos: Position, **override: Any) -> dict[str, Any]:
+    """The Position as saved, with `override` applied (e.g. the loop's running sums folded in)."""
+    return dataclasses.asdict(pos) | override
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def restore_before_prepare(saved: dict[str, Any], cfg: Config, acc: Any, model: torch.nn.Module,
+                           scheduler: Any, source: Any) -> Position:
+    """Model weights, scheduler, this rank's RNG streams and the position, before `acc.prepare`."""
+    state = saved["state.json"]
+    pos = Position.from_saved(state["position"])
+    pos.resumes += 1
+    load_model_weights(model, saved["model.safetensors"], f"checkpoint {source}")
+    scheduler.load_state_dict(saved["scheduler.json"])
+    gb = global_batch(cfg, acc.num_processes)
+    if state["global_batch"] != gb:  # --allow-batch-change: continue from the sample count
+        pos.window = pos.window * state["global_batch"] // gb
+    rng = saved["rng.safetensors"]
+    if state["world_size"] == acc.num_processes:
+        ckpt.set_rng_state({k: rng[f"rank{acc.process_index}.{k}"] for k in ckpt.RNG_PARTS})
+    else:  # other world size: per-rank streams cannot carry over; derive fresh ones
+        say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
+                  "per-rank RNG streams (dropout) restart from the seed")
+        seed_rank_streams(cfg.seed, acc.process_index, pos.step)
+    return pos
+
+
+def restore_after_prepare(saved: dict[str, Any], acc: Any, optimizer: Any) -> None:
+    """Optimizer and grad-scaler state, into the prepared objects."""
+    optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
+                                                       saved["optimizer.json"]))
+    if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(saved["scaler.json"])
+
+
+def load_model_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load `sd` into `model` exactly (UsageError naming `what` when the keys or shapes do not fit)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad_shape:
+        from disttrain.errors import UsageError
+
+        raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"shape mismatch {bad_shape[:3]})")
+    model.load_state_dict(sd)
