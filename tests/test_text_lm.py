@@ -330,3 +330,25 @@ def test_tiny_gpt_beats_a_unigram_model(tmp_path):
     val_loss = [r for r in records(out) if r["kind"] == "epoch"][-1]["val_loss"]
     print(f"unigram {unigram:.3f} nats/char, GPT {val_loss:.3f}")
     assert val_loss < unigram - 0.5
+
+
+# --------------------------------------------------------------------------- early stopping (any model)
+
+
+def test_early_stopping_after_patience_keeps_the_best(tmp_path):
+    """lr 1e-30: the weights cannot move in float32, so the validation loss never improves after epoch 1."""
+    out = tmp_path / "run"
+    args = ["--dataset", "synthetic_regression", "--model", "linear", "--optimizer", "sgd", "--lr", "1e-30",
+            "--val-fraction", "0.2", "--epochs", "10", "--batch-size", "64", "--early-stop-patience", "2",
+            "--no-progress", "--output-dir", str(out)]
+    assert main(args) == 0
+    recs = records(out)
+    ep = [r for r in recs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in ep] == [1, 2, 3]  # best at 1, then 2 epochs without improvement
+    stop = [r for r in recs if r["kind"] == "early_stop"]
+    assert len(stop) == 1 and stop[0]["best"]["epoch"] == 1
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+    best = json.loads((out / "checkpoints" / "best" / "best.json").read_text())
+    assert best["epoch"] == 1 and best["step"] == ep[0]["step"]
+    assert main(args[:-3] + ["--output-dir", str(out), "--resume", "auto"]) == 0  # a stopped run stays stopped
+    assert [r["epoch"] for r in records(out) if r["kind"] == "epoch"] == [1, 2, 3]

@@ -44,7 +44,7 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce", "eval_every_steps",
+    "shm_allreduce", "eval_every_steps", "early_stop_patience",
 })
 
 
@@ -112,6 +112,8 @@ class Config:
     log_with: str | None = _f(None, "experiment tracker", choices=("tensorboard",))
     dry_run: bool = _f(False, "resolve everything, run one batch forward, write nothing")
     eval_every_steps: int = _f(0, "also evaluate the validation set every N optimizer steps (0: epoch ends only)")
+    early_stop_patience: int = _f(0, "stop (completed) after N epoch ends without a better val_loss (or eval/train "
+                                     "loss without a val set); best/ keeps the best (0: off)")
     # failure policy
     on_nonfinite: str = _f("stop", "stop, or skip steps with a non-finite loss", choices=ON_NONFINITE)
     max_nonfinite_skips: int = _f(10, "with --on-nonfinite skip: give up after this many skips")
@@ -278,7 +280,8 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "max_grad_norm"):
         v = getattr(cfg, name)
         _check(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}")
-    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed", "eval_every_steps"):
+    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed", "eval_every_steps",
+                 "early_stop_patience"):
         v = getattr(cfg, name)
         _check(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
     _check(cfg.num_workers is None or cfg.num_workers >= 0,

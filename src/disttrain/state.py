@@ -47,6 +47,8 @@ class Position:
     resumes: int = 0
     checkpoints: int = 0
     last_lr: float = 0.0
+    epochs_since_best: int = 0  # --early-stop-patience: epoch ends in a row without a better selection metric
+    early_stopped: bool = False
 
     @classmethod
     def from_saved(cls, p: dict[str, Any]) -> Position:

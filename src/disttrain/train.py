@@ -108,7 +108,7 @@ def train(r: Run) -> None:
     # wrapped optimizer itself unless the wrapper has real work (an fp16 grad scaler, XLA)
     opt = optimizer.optimizer if (hasattr(optimizer, "optimizer") and getattr(acc, "scaler", None) is None
                                   and acc.distributed_type != "XLA") else optimizer
-    while pos.epoch < cfg.epochs and pos.step < r.total_steps:
+    while pos.epoch < cfg.epochs and pos.step < r.total_steps and not pos.early_stopped:
         meter, t_epoch, r.save_s = Meter(acc.device, data.wait_s), time.perf_counter(), 0.0
         model.train()
         bar = _progress_bar(r, steps_per_epoch)
@@ -189,9 +189,24 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     improved = pos.best is None or rec[key] < pos.best["value"]
     if improved:
         pos.best = {"metric": key, "value": rec[key], "step": pos.step, "epoch": rec["epoch"]}
+    _early_stop(r, improved)
     path = _save(r, meter)
     if improved and r.acc.is_main_process:
         ckpt.save_best(r.rundir, path, pos.best)
+
+
+def _early_stop(r: Run, improved: bool) -> None:
+    """--early-stop-patience N: after N epoch ends in a row without a better selection metric the loop ends
+    (the run completes; best/ holds the best checkpoint). The count is in the checkpoint: a resume goes on
+    counting, and a resume of a stopped run stops at once."""
+    pos, patience = r.pos, r.cfg.early_stop_patience
+    pos.epochs_since_best = 0 if improved else pos.epochs_since_best + 1
+    if patience and pos.epochs_since_best >= patience:
+        pos.early_stopped = True
+        r.metrics.write({"kind": "early_stop", "step": pos.step, "epoch": pos.epoch, "best": pos.best})
+        say(r.acc, f"early stop: no better {pos.best['metric']} for {patience} epoch(s); best "
+                   f"{pos.best['value']:.4f} at epoch {pos.best['epoch']} (step {pos.best['step']}) is in "
+                   f"{r.rundir.best}")
 
 
 def _eval_line(r: Run, meter: Meter) -> None:
