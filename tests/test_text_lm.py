@@ -189,7 +189,7 @@ GPT_ARGS = ["--model", "gpt", "--model-kwargs", '{"n_layer": 2, "n_head": 2, "n_
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("corpus") / "verse.txt"
-    write_text(p, 3000)
+    write_text(p, 1200)
     return p
 
 
@@ -198,7 +198,7 @@ def lm_run(tmp_path_factory, corpus):
     """An in-process run: 2 epochs with checkpoints every 10 steps."""
     out = tmp_path_factory.mktemp("lm") / "run"
     args = ["--dataset", f"text:{corpus}", "--data-dir", str(out.parent / "data"), *GPT_ARGS, "--epochs", "2",
-            "--save-every-steps", "10", "--output-dir", str(out)]
+            "--save-every-steps", "10", "--ema-decay", "0.9", "--output-dir", str(out)]
     assert main(args) == 0
     return out, args
 
@@ -253,8 +253,13 @@ def test_kill_9_then_resume_is_bitwise_with_tied_weights_and_dropout(lm_run, tmp
     p = run([PY, "-m", "disttrain.train", *args], env=env(DISTTRAIN_FAULT=f"{point}:20"))
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     assert main([*args, "--resume", "auto"]) == 0
-    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    last = sorted((ref / "checkpoints").glob("step_*"))[-1].name
+    for f in ("model.safetensors", f"checkpoints/{last}/model.safetensors", f"checkpoints/{last}/ema.safetensors"):
+        a, b = load_file(str(ref / f)), load_file(str(out / f))  # exported (EMA), raw and EMA weights
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    ema, raw = (load_file(str(ref / "checkpoints" / last / f)) for f in ("ema.safetensors", "model.safetensors"))
+    assert not torch.equal(ema["wte.weight"], raw["wte.weight"])  # really an average, not the weights
+    assert all(torch.equal(ema[k], v) for k, v in load_file(str(ref / "model.safetensors")).items())  # exported
     ra = [r for r in records(ref) if r["kind"] == "epoch"]
     rb = [r for r in records(out) if r["kind"] == "epoch"]
     assert [r["val_loss"] for r in ra] == [r["val_loss"] for r in rb]
@@ -332,7 +337,26 @@ def test_tiny_gpt_beats_a_unigram_model(tmp_path):
     assert val_loss < unigram - 0.5
 
 
-# --------------------------------------------------------------------------- early stopping (any model)
+# --------------------------------------------------------------------------- EMA, early stopping (any model)
+
+
+def test_ema_is_the_moving_average_and_applied_restores_the_weights():
+    from disttrain.ema import EMA
+
+    m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = EMA(m, 0.75)
+    w0 = m[0].weight.detach().clone()
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    m(torch.randn(4, 3))  # BN statistics move; num_batches_tracked (an integer buffer) is copied
+    ema.update()
+    sd = ema.state_dict()
+    assert torch.allclose(sd["0.weight"], 0.75 * w0 + 0.25 * (w0 + 1.0))
+    assert sd["1.num_batches_tracked"].item() == 1
+    w1 = m[0].weight.detach().clone()
+    with ema.applied():
+        assert torch.equal(m[0].weight, sd["0.weight"])
+    assert torch.equal(m[0].weight, w1)
 
 
 def test_early_stopping_after_patience_keeps_the_best(tmp_path):

@@ -89,6 +89,8 @@ class Config:
                                     "onecycle {pct_start, div_factor, final_div_factor}")
     warmup_steps: int = _f(0, "linear warmup, in optimizer steps")
     max_grad_norm: float | None = _f(None, "clip gradients to this global norm")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
+                               "it is what is evaluated, selected, exported (0: off)")
     # run length and batching
     epochs: int = _f(10, "number of epochs")
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
@@ -287,6 +289,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.num_workers is None or cfg.num_workers >= 0,
            f"--num-workers must be >= 0, got {cfg.num_workers}")
     _check(cfg.momentum < 1, f"--momentum must be < 1, got {cfg.momentum}")
+    _check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     _check(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     _check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     _check(not (cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0)),

@@ -27,6 +27,7 @@ from disttrain.distributed import (StopSignal, Sync, broadcast_str, find_unused_
                                    share_gradients, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
+from disttrain.ema import EMA, averaged
 from disttrain.evaluate import evaluate
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
@@ -63,6 +64,7 @@ class Run:
     model_meta: dict[str, Any]
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
+    ema: EMA | None = None  # --ema-decay
 
 
 class Meter:
@@ -132,6 +134,8 @@ def train(r: Run) -> None:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 pos.last_lr = opt.param_groups[0]["lr"]
                 opt.step()
+                if r.ema is not None:  # --ema-decay: fold the new weights into the average
+                    r.ema.update()
             r.scheduler.step()
             pos.step, pos.window = pos.step + 1, pos.window + 1
             meter.add(torch.zeros_like(window_loss) if skipped else window_loss,
@@ -173,8 +177,9 @@ def _end_epoch(r: Run, meter: Meter) -> None:
                            "train_loss": pos.epoch_loss / max(1, pos.epoch_count)}
     for split in ("val", "eval"):
         if (r.data.val if split == "val" else r.data.test) is not None:
-            rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
-                                prefix=split))
+            with averaged(r.ema):  # --ema-decay: the averaged weights are the ones evaluated and selected
+                rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
+                                    prefix=split))
     rec["lr"] = pos.last_lr
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     if r.data.spec.vocab:
@@ -216,7 +221,8 @@ def _eval_line(r: Run, meter: Meter) -> None:
         return
     t = time.perf_counter()
     rec: dict[str, Any] = {"kind": "eval", "epoch": r.pos.epoch + 1, "step": r.pos.step}
-    rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val", prefix="val"))
+    with averaged(r.ema):
+        rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val", prefix="val"))
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
     say(r.acc, f"step {r.pos.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
@@ -404,8 +410,9 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         model = torch.compile(model)
     model, optimizer = acc.prepare(model, optimizer)  # NOT the loaders (re-sharding) nor the scheduler
     share_gradients(cfg, acc, model)  # one machine, CPU: all-reduce through shared memory, not gloo's TCP
+    ema = EMA(plain_module(acc, model), cfg.ema_decay) if cfg.ema_decay else None
     if saved is not None:
-        restore_after_prepare(saved, acc, optimizer)
+        restore_after_prepare(saved, acc, optimizer, ema)
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
@@ -413,7 +420,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         metrics.write({"kind": "resume", "step": pos.step, "checkpoint": str(source)})
         say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
-               total, meta)
+               total, meta, ema=ema)
 
 
 def _preflight(acc: Any, model: Any, loss_fn: Any, data: Data, loss: str,
@@ -449,8 +456,8 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
     model = plain_module(r.acc, r.model)
-    if r.acc.is_main_process:
-        ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
+    if r.acc.is_main_process:  # with --ema-decay the averaged weights (those evaluated) are the model
+        ckpt.export_model(r.rundir, r.ema.state_dict() if r.ema is not None else model.state_dict(), r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
     write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()
