@@ -52,8 +52,9 @@ def corpus_ids(corpus: str, val_fraction: float) -> tuple[torch.Tensor, torch.Te
 def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int, steps: int, *, block: int = 64,
               batch: int = 12, n_layer: int = 4, n_head: int = 4, n_embd: int = 128, dropout: float = 0.0,
               lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 100, weight_decay: float = 0.1,
-              clip: float = 1.0, seed: int = 0, warm: int = 0) -> dict[str, float]:
-    """nanoGPT-style training; {tokens_per_sec (after `warm` steps), train_s, val_loss (full split), wall_s}."""
+              clip: float = 1.0, seed: int = 0, warm: int = 0, eval_every: int = 0) -> dict[str, Any]:
+    """nanoGPT-style training; {tokens_per_sec (after `warm` steps), train_s, val_loss (full split), wall_s,
+    curve: [(step, seconds, val_loss)] every `eval_every` steps (as nanoGPT's eval_interval) and at the end}."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = GPT(vocab, block, n_layer, n_head, n_embd, dropout)
@@ -66,7 +67,7 @@ def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int,
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * min(1.0, ratio))) * (lr - min_lr)
 
     model.train()
-    t_start = time.perf_counter()
+    t_start, curve = time.perf_counter(), []
     for it in range(steps):
         if it == warm:
             t_start = time.perf_counter()
@@ -82,10 +83,13 @@ def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int,
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+        if eval_every and val_ids is not None and (it + 1) % eval_every == 0 and it + 1 < steps:
+            curve.append((it + 1, time.perf_counter() - t0, val_loss(model, val_ids, block)))
     train_s = time.perf_counter() - t_start
-    out = {"tokens_per_sec": (steps - warm) * batch * block / train_s, "train_s": train_s}
+    out: dict[str, Any] = {"tokens_per_sec": (steps - warm) * batch * block / train_s, "train_s": train_s}
     if val_ids is not None:
         out["val_loss"] = val_loss(model, val_ids, block)
+        out["curve"] = curve + [(steps, time.perf_counter() - t0, out["val_loss"])]
     out["wall_s"] = time.perf_counter() - t0
     return out
 
@@ -139,6 +143,10 @@ def _port() -> int:
 def launch(args: list[str], nproc: int, threads: int = 0) -> tuple[float, str]:
     """`accelerate launch` of disttrain.train with `args` (`threads` per process, or disttrain's choice);
     (wall seconds, output)."""
+    return finish_launch(start_launch(args, nproc, threads))
+
+
+def start_launch(args: list[str], nproc: int, threads: int = 0) -> tuple[subprocess.Popen, float, list[str]]:
     accel = str(Path(sys.executable).parent / "accelerate")
     cfgfile = REPO / "launch" / ("cpu-multi.yaml" if nproc > 1 else "cpu.yaml")
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "DISTTRAIN_THREADS")}
@@ -147,11 +155,16 @@ def launch(args: list[str], nproc: int, threads: int = 0) -> tuple[float, str]:
     cmd = [accel, "launch", "--config_file", str(cfgfile), "--num_processes", str(nproc), "--main_process_port",
            str(_port()), "-m", "disttrain.train", *args]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env), t0, cmd
+
+
+def finish_launch(started: tuple[subprocess.Popen, float, list[str]]) -> tuple[float, str]:
+    p, t0, cmd = started
+    out, _ = p.communicate()
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"launch failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-2000:]}")
-    return wall, p.stdout
+        raise RuntimeError(f"launch failed ({p.returncode}): {' '.join(cmd)}\n{out[-2000:]}")
+    return wall, out
 
 
 def bench_launch(corpus: str, data_dir: str, steps: int, nproc: int, batch: int, block: int) -> float:
@@ -189,7 +202,9 @@ def throughput(corpus: str, data_dir: str, rounds: int, steps: int, batch: int, 
 
 
 def recipe(corpus: str, recipe_path: str, rounds: int, threads: int, rec: Any) -> None:
-    """The recipe launched for real against the hand loop with its hyperparameters (same steps), alternating."""
+    """The recipe launched for real and the hand loop with its hyperparameters (same steps), run side by side
+    at the same time (each `threads` threads), so both see the same machine load; wall times and the
+    validation loss of each (the same full validation split, per character)."""
     import yaml
 
     cfg = yaml.safe_load(Path(recipe_path).read_text())
@@ -199,22 +214,27 @@ def recipe(corpus: str, recipe_path: str, rounds: int, threads: int, rec: Any) -
               n_head=kw.get("n_head", 4), n_embd=kw.get("n_embd", 128), dropout=kw.get("dropout", 0.0),
               lr=float(cfg["lr"]), min_lr=float(cfg["lr"]) * cfg.get("scheduler_kwargs", {}).get("min_lr_ratio", 0.0),
               warmup=int(cfg.get("warmup_steps", 0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
-              clip=float(cfg.get("max_grad_norm") or 0.0), seed=int(cfg.get("seed", 0)))
+              clip=float(cfg.get("max_grad_norm") or 0.0), seed=int(cfg.get("seed", 0)),
+              eval_every=int(cfg.get("eval_every_steps", 0)))
     train_ids, val_ids, vocab = corpus_ids(corpus, float(cfg["val_fraction"]))
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", flush=True)
-        order = ["hand", "disttrain"] if r % 2 == 0 else ["disttrain", "hand"]
-        for k in order:
-            if k == "hand":
-                res = hand_loop(train_ids, val_ids, vocab, steps, **hp)
-                rec("recipe", "hand_val_loss", res["val_loss"])
-                rec("recipe", "hand_wall_s", res["wall_s"])
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    wall, _ = launch(["--config", recipe_path, "--dataset", f"text:{corpus}", "--data-dir",
-                                      str(Path(tmp) / "data"), "--no-progress", "--output-dir",
-                                      str(Path(tmp) / "run")], 1, threads)
-                    lines = [json.loads(s) for s in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-                    last = [d for d in lines if d["kind"] == "epoch"][-1]
-                    rec("recipe", "disttrain_val_loss", last["val_loss"])
-                    rec("recipe", "disttrain_wall_s", wall)
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = Path(tmp) / "run"
+            started = start_launch(["--config", recipe_path, "--dataset", f"text:{corpus}", "--data-dir",
+                                    str(Path(tmp) / "data"), "--no-progress", "--output-dir", str(run_dir)], 1, threads)
+            res = hand_loop(train_ids, val_ids, vocab, steps, **hp)
+            wall, _ = finish_launch(started)
+            lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            last = [d for d in lines if d["kind"] == "epoch"][-1]
+            if r == 0:
+                keep = Path(recipe_path).with_suffix("").name
+                (Path(tempfile.gettempdir()) / f"{keep}-bench-metrics.jsonl").write_text(
+                    (run_dir / "metrics.jsonl").read_text())
+                (Path(tempfile.gettempdir()) / f"{keep}-bench-hand-curve.json").write_text(json.dumps(res["curve"]))
+        rec("recipe", "hand_val_loss", res["val_loss"])
+        rec("recipe", "hand_wall_s", res["wall_s"])
+        rec("recipe", "disttrain_val_loss", last["val_loss"])
+        rec("recipe", "disttrain_wall_s", wall)
+        rec("recipe", "wall_ratio", wall / res["wall_s"])
+        rec("recipe", "val_loss_diff", last["val_loss"] - res["val_loss"])
