@@ -129,15 +129,18 @@ def shared_block_net(**kw) -> nn.Module:
 
 class UnusedHead(nn.Module):
     """An MLP with a second head that `forward` never calls, a frozen input layer, and (sometimes=True) an
-    extra layer used only on every third training forward (the same steps on every rank and world size)."""
+    extra layer used only on every third training forward (the same steps on every rank and world size;
+    `phase` 1: including the first, the pre-flight)."""
 
-    def __init__(self, features: int = 8, classes: int = 3, sometimes: bool = False) -> None:
+    def __init__(self, features: int = 8, classes: int = 3, sometimes: bool = False, phase: int = 0,
+                 with_unused_head: bool = True) -> None:
         super().__init__()
         self.frozen = nn.Linear(features, features)
         self.frozen.requires_grad_(False)
         self.body = nn.Linear(features, 16)
         self.head = nn.Linear(16, classes)
-        self.unused_head = nn.Linear(16, classes)  # never called
+        self.unused_head = nn.Linear(16, classes) if with_unused_head else None  # never called
+        self.phase = phase  # 1: the pre-flight forward (the first) uses `sometimes`
         self.sometimes = nn.Linear(16, 16) if sometimes else None
         self.calls = 0
 
@@ -145,7 +148,7 @@ class UnusedHead(nn.Module):
         h = torch.tanh(self.body(self.frozen(x[:, 1:])))
         if self.training and torch.is_grad_enabled():
             self.calls += 1
-        if self.sometimes is not None and self.calls % 3 == 0:
+        if self.sometimes is not None and self.calls % 3 == self.phase:
             h = torch.tanh(self.sometimes(h))
         return self.head(h)
 

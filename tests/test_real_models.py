@@ -193,6 +193,15 @@ def test_unused_frozen_and_sometimes_used_parameters_on_two_processes(tmp_path):
     for k in ("unused_head.weight", "unused_head.bias", "frozen.weight", "frozen.bias"):
         assert torch.equal(two[k], init[k]) and torch.equal(one[k], init[k])  # no gradient, no weight decay
     assert not torch.equal(two["sometimes.weight"], init["sometimes.weight"])  # trained on the steps it is used
+    # used by the pre-flight batch, skipped later: DDP's failure becomes one line naming the flag that fixes it
+    used_first = args + ["--model-kwargs", '{"sometimes": true, "phase": 1, "with_unused_head": false}',
+                         "--batch-size", "16"]
+    p = run(train_cmd(2, "accelerate") + used_first + ["--output-dir", str(tmp_path / "fails")])
+    assert p.returncode == 1 and "rerun with --find-unused-parameters" in p.stderr
+    p = run(train_cmd(2, "accelerate") + used_first + ["--output-dir", str(tmp_path / "forced"),
+                                                       "--find-unused-parameters"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "DDP finds unused parameters every step (--find-unused-parameters)" in p.stdout
 
 
 # --------------------------------------------------------------------------- kind 7: the pre-flight leaves no trace

@@ -29,6 +29,9 @@ class DataSpec:
     mean: list[float] | None = None  # set for uint8 images: x/255, then (x - mean) / std
     std: list[float] | None = None
     vocab: list[str] | None = None  # text datasets: the string of each token id (data/text.py)
+    # how raw inputs become model inputs, for data read from files (images.py, tables.py): saved in model.json
+    # so that evaluate and predict apply exactly the training transform; None for built-in and plug-in sets
+    preprocess: dict[str, Any] | None = None
 
 
 def normalize_uint8(x: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
@@ -57,6 +60,16 @@ class ArrayDataset(Dataset):
     def subset(self, idx: torch.Tensor) -> ArrayDataset:
         return ArrayDataset(self.x[idx], self.y[idx])
 
+
+
+def holdout_indices(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices), sorted, for --val-fraction: depends on the seed and n only,
+    never on the world size."""
+    n_val = int(round(n * fraction))
+    if n_val == 0 or n_val == n:
+        raise UsageError(f"--val-fraction {fraction} leaves {n - n_val} training and {n_val} validation samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
 
 
 def import_plugin(spec: str, flag: str) -> Any:

@@ -19,9 +19,24 @@ from disttrain.models.vision import cnn, lenet, linear, mlp, resnet18
 BUILTIN = {"linear": linear, "mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": resnet18, "gpt": gpt}
 
 def build_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
-    """A built-in model sized from the data, or `module:function(**kwargs)`."""
+    """A built-in model sized from the data, or `module:function(**kwargs)`.
+
+    Bounded before any memory is allocated (the same bounds for training and for every reader of a
+    model.json: schema.py): the data's input shape and output count, and for built-ins the parameter count,
+    counted on the meta device first. A plug-in is user code and sizes itself."""
+    from disttrain import schema
+
+    schema.check_shape(list(spec.input_shape), spec.num_outputs, f"--model {name}")
     if name in BUILTIN:
         fn, args = BUILTIN[name], {"input_shape": spec.input_shape, "num_outputs": spec.num_outputs}
+        try:
+            with torch.device("meta"):
+                n = num_parameters(fn(**args, **kwargs))
+        except Exception:  # noqa: BLE001 - reported below by the real build, with its message
+            n = 0
+        if n > schema.MAX_PARAMETERS:
+            raise UsageError(f"--model {name} with --model-kwargs {one_line(kwargs)[:200]} would have {n:,} "
+                             f"parameters, more than the {schema.MAX_PARAMETERS:,} disttrain allows")
     else:
         fn, args = import_plugin(name, "--model"), {}
     try:
