@@ -3,7 +3,7 @@
 Inputs are image files and folders (searched recursively for the extensions torchvision's ImageFolder
 reads) for image models, and CSV/Parquet files (one prediction per row) for table models. Every input gets
 exactly the training transform, read from model.json:
-- images: `data.images.decode` (torchvision decoding, alpha dropped, converted to the model's channels,
+- images: `data.images.decode` (Pillow decoding, alpha dropped, converted to the model's channels,
   antialiased bilinear resize to its input size; the same function that fills the imagefolder cache), then
   `data.normalize_uint8` with the run's mean/std, the function training and evaluation use;
 - tables: `data.tables.features`, the saved standardisation and one-hot categories (unseen values: zeros).
@@ -110,8 +110,8 @@ def read_image(path: str | Path, input_shape: list[int]) -> torch.Tensor:
     c, h, w = input_shape
     try:
         return decode(path, c, (h, w))
-    except ImageError as e:
-        raise UsageError(f"{path}: {e}") from None
+    except ImageError as e:  # (safe_io's reasons already start with the path)
+        raise UsageError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
 def preprocess(images: torch.Tensor, spec: Any, device: torch.device) -> torch.Tensor:

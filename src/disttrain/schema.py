@@ -86,9 +86,50 @@ def check_spec(spec: Any, what: str) -> None:
     if vocab is not None and not (isinstance(vocab, list) and len(vocab) == spec["num_outputs"]
                                   and all(isinstance(c, str) and 0 < len(c) <= 8 for c in vocab)):
         raise _fail(what, f"spec vocab must be {spec['num_outputs']} strings of 1-8 characters")
+    check_preprocess(spec, what)
+
+
+def check_preprocess(spec: dict[str, Any], what: str) -> None:
+    """spec.preprocess (data/images.py, data/tables.py): None, or exactly the transform that fits the spec's
+    input shape; a column's categories are bounded like the writer's (tables.MAX_CATEGORIES)."""
+    from disttrain.data.tables import MAX_CATEGORIES
+
     pre = spec.get("preprocess")
-    if pre is not None and not (isinstance(pre, dict) and isinstance(pre.get("kind"), str)):
-        raise _fail(what, "spec preprocess must be null or a mapping with a 'kind'")
+    if pre is None:
+        return
+    bad = lambda msg: _fail(what, f"spec preprocess {msg}")  # noqa: E731
+    if not isinstance(pre, dict) or pre.get("kind") not in ("image", "table"):
+        raise bad("must be a mapping with kind image or table")
+    shape = spec["input_shape"]
+    if pre["kind"] == "image":
+        if not (set(pre) <= {"kind", "channels", "size", "column", "target"} and pre.get("channels") in (1, 3)
+                and _int_list(pre.get("size")) and len(pre["size"]) == 2 and [pre["channels"], *pre["size"]] == shape
+                and all(isinstance(pre.get(k, ""), str) for k in ("column", "target"))):
+            raise bad(f"of an image model must be channels 1 or 3 and size [H, W] matching input_shape {shape}")
+        return
+    cols = pre.get("columns")
+    if not (set(pre) <= {"kind", "target", "task", "columns", "classes"} and isinstance(pre.get("target"), str)
+            and pre.get("task") == spec["task"] and isinstance(cols, list) and cols and len(shape) == 1):
+        raise bad("of a table model must name its target, task and columns")
+    width = 0
+    for c in cols:
+        ok = isinstance(c, dict) and isinstance(c.get("name"), str)
+        if ok and c.get("type") == "numeric":
+            ok = set(c) == {"name", "type", "mean", "std"} and _is_num(c["mean"]) and _is_num(c["std"]) and c["std"] > 0
+            width += 1
+        elif ok and c.get("type") == "categorical":
+            cats = c.get("categories")
+            ok = (set(c) == {"name", "type", "categories"} and isinstance(cats, list) and len(cats) <= MAX_CATEGORIES
+                  and all(isinstance(v, str) and len(v) <= 1000 for v in cats))
+            width += len(cats) if ok else 0
+        else:
+            ok = False
+        if not ok:
+            raise bad(f"column {str(c)[:80]} must be numeric (mean, std > 0) or categorical (a list of names)")
+    if width != shape[0]:
+        raise bad(f"columns encode {width} features but input_shape is {shape}")
+    if spec["task"] == "classification" and pre.get("classes") != spec.get("classes"):
+        raise bad("classes must be the spec's classes")
 
 
 def check_model_meta(meta: Any, what: str) -> dict[str, Any]:

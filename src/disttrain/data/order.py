@@ -72,13 +72,18 @@ class Data:
         return [([b for b in mine[s * per_rank:(s + 1) * per_rank].split(self.cfg.batch_size) if len(b)],
                  min(gb, n - s * gb)) for s in range(self.steps_per_epoch())]
 
+    def epoch_batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
+        """This rank's micro-batches of dataset indices from step `start` of the epoch, in training order;
+        a step where this rank holds no sample contributes the placeholder batch (the epoch's first sample)."""
+        placeholder = self.epoch_order(epoch)[:1]
+        return [b for w, _ in self.epoch_windows(epoch)[start:] for b in (w or [placeholder])]
+
     def train_windows(self, epoch: int, start: int = 0) -> Iterator[Window]:
         """One Window (grad-accum micro-batches) per optimizer step, from window `start` on. A rank with no
         sample in a step still gets one Window: a placeholder batch (one real sample, weight 0, run in eval
         mode) so that it joins the step's gradient all-reduce with zero gradients."""
         windows = self.epoch_windows(epoch)[start:]
-        placeholder = self.epoch_order(epoch)[:1]
-        flat = [b for w, _ in windows for b in (w or [placeholder])]
+        flat = self.epoch_batches(epoch, start)
         if self.in_memory:
             params = self._augment_params(epoch)
             batch_iter = (self._fetch(self.train, b, params) for b in flat)

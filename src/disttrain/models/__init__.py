@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -63,9 +64,16 @@ def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor
                 loss_name: str) -> list[str]:
     """The pre-flight batch: one real forward + loss before training, so a shape mismatch is reported in
     seconds. Runs in train mode with autograd recording (no backward), so it also finds the trainable
-    parameters the loss never reaches; returns their names. Leaves no trace on the model: buffers (batch-norm
-    statistics, `num_batches_tracked`) are put back; the caller keeps the RNG (train.setup). UsageError
-    naming the shapes when the model does not fit the data."""
+    parameters the loss never reaches; returns their names. Leaves no trace on the model: it runs on a copy
+    (batch-norm statistics, `num_batches_tracked`, a model's own counters stay as they were); a model that
+    cannot be copied runs itself and gets its buffers put back. The caller keeps the RNG (train.setup).
+    UsageError naming the shapes when the model does not fit the data."""
+    try:
+        probe = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - e.g. a module holding a lock or a file: run on the model itself
+        probe = None
+    if probe is not None:
+        return _check_batch(probe, loss_fn, x, y, spec, loss_name)
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         return _check_batch(model, loss_fn, x, y, spec, loss_name)
