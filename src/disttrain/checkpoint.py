@@ -2,7 +2,8 @@
 
     <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
-                                       rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
+                                       rng.safetensors  state.json  model.json  [scaler.json]  [ema.safetensors]
+                                       manifest.json
     <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
 
 Only safetensors and JSON, no pickle on any path. A checkpoint is written into a temporary directory
@@ -706,8 +707,9 @@ def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[st
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
-    """Weights from a model.safetensors, a run directory, or a checkpoint directory; plus model.json
-    when one is beside them (schema-checked), and the directory they came from. UsageError when unreadable."""
+    """Weights from a model.safetensors, a run directory, or a checkpoint directory (its EMA weights,
+    ema.safetensors, when the run kept an average: those were evaluated); plus model.json when one is beside
+    them (schema-checked), and the directory they came from. UsageError when unreadable."""
     from safetensors import SafetensorError
 
     from disttrain import schema
@@ -715,7 +717,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     p = Path(path)
     if p.is_dir() and ((p / "manifest.json").exists() or (p / "manifest.json").is_symlink()):
         data = load_checkpoint(p)
-        return data["model.safetensors"], data["model.json"], p
+        return data.get("ema.safetensors", data["model.safetensors"]), data["model.json"], p
     if p.is_dir():
         p = p / "model.safetensors"
     if not (p.exists() or p.is_symlink()):

@@ -55,7 +55,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
-    """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint."""
+    """(model in eval mode on CPU/GPU, DataSpec, model.json) of a model predict can feed (images, table rows)."""
+    net, spec, meta = load_saved_model(checkpoint, model, trust_plugins)
+    if spec.vocab:
+        raise UsageError(f"--checkpoint {checkpoint}: a language model; use python -m disttrain.generate")
+    if _kind(spec) == "image":
+        if spec.task != "classification":
+            raise UsageError(f"--checkpoint {checkpoint}: a {spec.task} model of images; predict classifies images")
+    elif _kind(spec) is None:
+        raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, neither "
+                         "1- or 3-channel images [C, H, W] nor a table's rows")
+    return net, spec, meta
+
+
+def load_saved_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
+    """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint;
+    any kind of model (predict and generate share it)."""
     from disttrain import checkpoint as ckpt
     from disttrain import schema
     from disttrain.config import is_plugin
@@ -70,12 +85,6 @@ def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = 
         raise UsageError(f"the saved model is the plug-in {name}: importing it runs its code; pass --trust-plugins "
                          "or --model to allow it")
     spec = DataSpec(**meta["spec"])
-    if _kind(spec) == "image":
-        if spec.task != "classification":
-            raise UsageError(f"--checkpoint {checkpoint}: a {spec.task} model of images; predict classifies images")
-    elif _kind(spec) is None:
-        raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, neither "
-                         "1- or 3-channel images [C, H, W] nor a table's rows")
     net = build_model(name, meta.get("model_kwargs") or {}, spec)
     schema.check_weights_fit(net, sd, f"--checkpoint {checkpoint}")
     net.load_state_dict(sd)

@@ -49,6 +49,8 @@ class Position:
     resumes: int = 0
     checkpoints: int = 0
     last_lr: float = 0.0
+    epochs_since_best: int = 0  # --early-stop-patience: epoch ends in a row without a better selection metric
+    early_stopped: bool = False
     interval: dict[str, float] | None = None  # the open step-line interval (all-rank loss sum, samples,
     #                                            steps, seconds) when saved mid-epoch; used once on resume
 
@@ -133,6 +135,8 @@ def checkpoint_files(r: Run, model: torch.nn.Module, rng: dict[str, torch.Tensor
     }
     if getattr(r.acc, "scaler", None) is not None:
         files["scaler.json"] = r.acc.scaler.state_dict()
+    if r.ema is not None:  # --ema-decay: the averaged weights (checkpoint.load_weights prefers them)
+        files["ema.safetensors"] = r.ema.state_dict()
     return files
 
 
@@ -165,8 +169,14 @@ def restore_before_prepare(saved: dict[str, Any], cfg: Config, acc: Any, model: 
     return pos
 
 
-def restore_after_prepare(saved: dict[str, Any], acc: Any, optimizer: Any) -> None:
-    """Optimizer and grad-scaler state, into the prepared objects."""
+def restore_after_prepare(saved: dict[str, Any], acc: Any, optimizer: Any, ema: Any = None) -> None:
+    """Optimizer, grad-scaler and EMA state, into the prepared objects."""
+    if ema is not None:
+        if "ema.safetensors" not in saved:
+            from disttrain.errors import UsageError
+
+            raise UsageError("--resume: the checkpoint has no EMA weights (ema.safetensors) but --ema-decay is set")
+        ema.load_state_dict(saved["ema.safetensors"])
     optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
                                                        saved["optimizer.json"]))
     if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
