@@ -31,6 +31,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
+SHARDINGS = ("none", "fsdp")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 # Keys a resume may change: run length, cadence, logging and where things live.
@@ -38,7 +39,7 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce",
+    "shm_allreduce", "sharding", "fsdp_reshard_after_forward",
 })
 
 
@@ -110,6 +111,11 @@ class Config:
     dist_timeout: int = _f(600, "seconds a collective may wait before the process group gives up")
     shm_allreduce: bool = _f(True, "average gradients through shared memory when all CPU processes share "
                                    "one machine (else gloo)")
+    sharding: str | None = _f(None, "none (DDP replicas) or fsdp (FSDP2: parameters, gradients and optimizer "
+                                    "state sharded over processes); default: the launch config's, else none",
+                              choices=SHARDINGS)
+    fsdp_reshard_after_forward: bool | None = _f(None, "FSDP: free each block's gathered parameters after "
+                                                       "forward (default: the launch config's, else true)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,7 +260,7 @@ def validate(cfg: Config) -> None:
                f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)} or module:function")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
-                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",))):
+                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("sharding", SHARDINGS)):
         v = getattr(cfg, name)
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")

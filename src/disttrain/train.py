@@ -13,7 +13,6 @@ import dataclasses
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,13 +22,14 @@ from disttrain import checkpoint as ckpt
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
 from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
-                                   say, set_threads, shutdown, share_gradients, start_parent_watchdog, topology)
+                                   say, set_threads, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               one_line)
 from disttrain.evaluate import evaluate
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
-from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
+from disttrain.optim import build_loss, build_optimizer, build_scheduler, check_schedule, loss_name
+from disttrain.parallel import make_parallel, resolve_sharding
 from disttrain.summary import write_summary
 
 
@@ -76,6 +76,7 @@ class Run:
     pos: Position
     total_steps: int
     model_meta: dict[str, Any]
+    par: Any = None  # parallel.DataParallel or FullyShardedDataParallel: wrapping, gradient sync, state
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
 
@@ -131,8 +132,8 @@ def train(r: Run) -> None:
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
             for i, (x, y) in enumerate(window):
-                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches
-                with acc.no_sync(model) if i < len(window) - 1 else nullcontext():
+                # --- reduce gradients once per optimizer step: no sync on earlier micro-batches (DDP or FSDP)
+                with r.par.grad_sync(model, i == len(window) - 1):
                     losses = r.loss_fn(model(x), y)  # per-sample losses, shape [batch]
                     # --- sum / samples in the window: each sample weighs the same on any world size,
                     #     micro-batching or partial last window (DDP then averages over ranks)
@@ -143,7 +144,7 @@ def train(r: Run) -> None:
             skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
             if not skipped:
                 if cfg.max_grad_norm:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    r.par.clip(model, cfg.max_grad_norm)  # the full model's norm, sharded or not
                 pos.last_lr = opt.param_groups[0]["lr"]
                 opt.step()
             r.scheduler.step()
@@ -185,8 +186,9 @@ def _end_epoch(r: Run, meter: Meter) -> None:
                            "train_loss": pos.epoch_loss / max(1, pos.epoch_count)}
     for split in ("val", "eval"):
         if (r.data.val if split == "val" else r.data.test) is not None:
-            rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
-                                prefix=split))
+            with r.par.unsharded(r.model):
+                rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
+                                    prefix=split))
     rec["lr"] = pos.last_lr
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     rec["elapsed_s"] = _elapsed(r)
@@ -247,19 +249,22 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     t = time.perf_counter()
     s, n, bad = meter.read(r.acc, "epoch")  # never save after a non-finite loss
     _fail_if_bad(r, bad)
-    model = r.acc.unwrap_model(r.model)
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not r.par.params_finite(r.model):
         raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
     rng = ckpt.gather_rng(r.acc)
     path = r.rundir.step_dir(r.pos.step)
     failed: TrainingError | None = None
-    if r.acc.is_main_process:
+    main = r.acc.is_main_process
+    # model + optimizer: the full state (main process) or every rank's shards (parallel.py decides)
+    files = r.par.checkpoint_state(r.model, r.optimizer) if main or r.par.sharded else {}
+    if main:
         r.pos.checkpoints += 1
         state = dataclasses.asdict(r.pos) | {"elapsed_s": _elapsed(r), "metrics_lines": r.metrics.lines(),
                                              "epoch_loss": r.pos.epoch_loss + s, "epoch_count": r.pos.epoch_count + n}
-        files = _checkpoint_files(r, model, rng, state)
+        files |= _checkpoint_files(r, rng, state)
+    if files:
         try:
-            path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last)
+            path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last, main=main, agree=r.sync.any)
         except TrainingError as e:  # disk full / unwritable: every rank stops together, exit 1
             failed = e
     if r.sync.any(failed is not None):
@@ -269,12 +274,8 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     return path
 
 
-def _checkpoint_files(r: Run, model: Any, rng: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
-    opt_tensors, opt_meta = ckpt.optimizer_to_files(r.optimizer.state_dict())
+def _checkpoint_files(r: Run, rng: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
     files: dict[str, Any] = {
-        "model.safetensors": model.state_dict(),
-        "optimizer.safetensors": opt_tensors,
-        "optimizer.json": opt_meta,
         "scheduler.json": r.scheduler.state_dict(),
         "rng.safetensors": rng,
         "model.json": r.model_meta,
@@ -343,6 +344,7 @@ def _check_resume(cfg: Config, saved: dict[str, Any], world: int) -> None:
 def setup(cfg: Config, stop: StopSignal) -> Run | None:
     """Build the run; validate everything before the output directory is touched. None on --dry-run."""
     cfg.mixed_precision = resolve_precision(cfg)
+    cfg.sharding = sharding = resolve_sharding(cfg)  # never silent DDP when the launch config asked for FSDP
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
@@ -373,11 +375,11 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     check_batch(model, loss_fn, x, y, data.spec, name)
     if cfg.init_from:
         _load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
-    optimizer = build_optimizer(cfg, model)
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
-    scheduler = build_scheduler(cfg, optimizer, total)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads))
+    check_schedule(cfg, total)
+    par = make_parallel(cfg, acc, sharding)
+    say(acc, f"{topology(acc, cfg, data.steps_per_epoch(), threads)}, {par.describe(model)}")
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -392,18 +394,15 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         if cfg.overwrite:
             rundir.clear()
         ckpt.write_atomic(rundir.config, to_yaml(cfg).encode())
+    if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, above)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = par.wrap(model)  # DDP (Accelerate) or FSDP2; torch.compile'd if asked
+    optimizer = build_optimizer(cfg, model)  # on the wrapped (maybe sharded) parameters
+    scheduler = build_scheduler(cfg, optimizer, total)
+    optimizer = par.prepare_optimizer(optimizer)
     pos = Position()
     if saved is not None:
-        pos = _restore(saved, cfg, acc, model, optimizer, scheduler, source)
-    if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, below)
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)  # NOT the loaders (re-sharding) nor the scheduler
-    share_gradients(cfg, acc, model)  # one machine, CPU: all-reduce through shared memory, not gloo's TCP
-    if saved is not None:
-        optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
-                                                           saved["optimizer.json"]))
+        pos = _restore(saved, cfg, acc, par, model, optimizer, scheduler, source)
         if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
             acc.scaler.load_state_dict(saved["scaler.json"])
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
@@ -413,16 +412,16 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         metrics.write({"kind": "resume", "step": pos.step, "checkpoint": str(source)})
         say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
-               total, meta)
+               total, meta, par)
 
 
-def _restore(saved: dict[str, Any], cfg: Config, acc: Any, model: Any, optimizer: Any, scheduler: Any,
+def _restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: Any, optimizer: Any, scheduler: Any,
              source: Any) -> Position:
     state = saved["state.json"]
     p = state["position"]
     pos = Position(**{k: p[k] for k in Position.__dataclass_fields__ if k in p})
     pos.resumes += 1
-    _load_model_weights(model, saved["model.safetensors"], f"checkpoint {source}")
+    par.load_state(model, optimizer, saved, f"checkpoint {source}")  # either layout, any world size
     scheduler.load_state_dict(saved["scheduler.json"])
     if state["global_batch"] != _gb(cfg, acc):  # --allow-batch-change: continue from the sample count
         pos.window = pos.window * state["global_batch"] // _gb(cfg, acc)
@@ -463,9 +462,12 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
-    model = r.acc.unwrap_model(r.model)
+    full = {}
+    for name, tensor in r.par.full_state_dict(r.model):  # (FSDP: gathered one tensor at a time, every rank)
+        if r.acc.is_main_process:
+            full[name] = tensor
     if r.acc.is_main_process:
-        ckpt.export_model(r.rundir, model.state_dict(), r.model_meta)
+        ckpt.export_model(r.rundir, full, r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
     write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()
