@@ -303,6 +303,7 @@ def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: in
             if agree(failed is not None):  # every rank stops together
                 raise failed or FileNotFoundError(errno.ENOENT, "the main process could not create it", str(tmp))
             _save_shards(tmp / SHARDS, files[SHARDS])
+            _fault("wrote-shards", step)
         elif failed is not None:
             raise failed
         if not main:

@@ -31,7 +31,7 @@ PRECISIONS = ("no", "bf16", "fp16")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
-SHARDINGS = ("none", "fsdp")
+SHARDINGS = ("auto", "none", "fsdp")
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 # Keys a resume may change: run length, cadence, logging and where things live.
@@ -111,9 +111,9 @@ class Config:
     dist_timeout: int = _f(600, "seconds a collective may wait before the process group gives up")
     shm_allreduce: bool = _f(True, "average gradients through shared memory when all CPU processes share "
                                    "one machine (else gloo)")
-    sharding: str | None = _f(None, "none (DDP replicas) or fsdp (FSDP2: parameters, gradients and optimizer "
-                                    "state sharded over processes); default: the launch config's, else none",
-                              choices=SHARDINGS)
+    sharding: str = _f("auto", "none (DDP replicas), fsdp (FSDP2: parameters, gradients and optimizer state "
+                               "sharded over processes), or auto: fsdp if the launch config asks for FSDP, else none",
+                       choices=SHARDINGS)
     fsdp_reshard_after_forward: bool | None = _f(None, "FSDP: free each block's gathered parameters after "
                                                        "forward (default: the launch config's, else true)")
 

@@ -43,14 +43,15 @@ def fsdp_requested_by_launcher() -> bool:
 
 
 def resolve_sharding(cfg: Config) -> str:
-    """'fsdp' or 'none': the flag, else the launch config (Accelerate's FSDP keys), else none.
+    """'fsdp' or 'none': the flag; with `auto` (the default) the launch config's choice (Accelerate's FSDP
+    keys), else none.
 
     Raises UsageError for combinations that cannot work, before anything is written."""
     launcher = fsdp_requested_by_launcher()
     if cfg.sharding == "none" and launcher:
         raise UsageError("--sharding none, but the launch config asks for FSDP (distributed_type: FSDP, "
                          "ACCELERATE_USE_FSDP=true); pass --sharding fsdp or use a launch config without FSDP")
-    kind = cfg.sharding or ("fsdp" if launcher else "none")
+    kind = cfg.sharding if cfg.sharding != "auto" else "fsdp" if launcher else "none"
     if kind == "fsdp":
         if cfg.mixed_precision == "fp16":
             raise UsageError("--sharding fsdp with --mixed-precision fp16 is not supported (FSDP2 would need a "
