@@ -68,3 +68,55 @@ def recording(**kw) -> nn.Module:
 
 def dropout_mlp(features: int = 8, classes: int = 3) -> nn.Module:
     return nn.Sequential(nn.Linear(features + 1, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, classes))
+
+
+# --------------------------------------------------------------------------- models people bring (issue 13)
+
+
+def token_data(data_dir: str, n_train: int = 96, n_eval: int = 32, vocab: int = 16, length: int = 6,
+               seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Token sequences [N, length] (int64); the target is the first token (learnable by a bag of embeddings)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n_train + n_eval, length), generator=g)
+    return TensorDataset(x[:n_train], x[:n_train, 0].clone()), TensorDataset(x[n_train:], x[n_train:, 0].clone())
+
+
+class TiedLM(nn.Module):
+    """A language-model-shaped net whose output projection's weight IS its embedding's weight (GPT-2 style)."""
+
+    def __init__(self, vocab: int = 16, dim: int = 12) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(6, dim) * 0.1)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x) + self.pos[: x.shape[1]]
+        h = h * torch.linspace(1.0, 0.2, x.shape[1])[:, None]  # position-dependent weights: token 0 counts most
+        return self.head(self.drop(h.sum(1)))
+
+
+def tied_lm(**kw) -> nn.Module:
+    return TiedLM(**kw)
+
+
+class SharedBlockNet(nn.Module):
+    """An image classifier that applies one block twice under two names (weight sharing across layers)."""
+
+    def __init__(self, input_shape: list[int] = (1, 28, 28), classes: int = 10) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.inp = nn.Linear(c * h * w, 16)
+        self.block1 = nn.Linear(16, 16)
+        self.block2 = self.block1  # shared
+        self.out = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x.flatten(1)))
+        return self.out(torch.tanh(self.block2(torch.tanh(self.block1(h)))))
+
+
+def shared_block_net(**kw) -> nn.Module:
+    return SharedBlockNet(**kw)

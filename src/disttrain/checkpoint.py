@@ -167,18 +167,72 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+SHARED_KEY = "disttrain.shared"  # safetensors metadata: {dropped name: the name stored in its place}
+
+
+def dedupe_shared(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied tensors once (safetensors refuses tensors that share memory). Names that are the same view
+    of one storage (a tied embedding and output projection) keep one entry, the lexicographically first
+    name, as `safetensors.torch.save_model` does, so its `load_model` also restores them; the others are
+    returned as {dropped name: kept name}. A tensor that only overlaps another (a slice) is stored as a copy.
+    """
+    groups: dict[tuple[str, int], list[str]] = {}
+    for k, v in tensors.items():
+        if v.numel():
+            groups.setdefault((str(v.device), v.untyped_storage().data_ptr()), []).append(k)
+    out = dict(tensors)
+    aliases: dict[str, str] = {}
+    for names in groups.values():
+        if len(names) < 2:
+            continue
+        names.sort()
+        for k in names:
+            if k not in aliases:
+                for n in names:
+                    if n > k and n not in aliases and _same_view(tensors[n], tensors[k]):
+                        aliases[n] = k
+                        del out[n]
+        kept = [n for n in names if n not in aliases]
+        if len(kept) > 1:  # views that overlap without being the same: each stored as its own copy
+            for n in kept:
+                out[n] = tensors[n].clone()
+    return out, aliases
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file of `tensors`, tied ones stored once (see dedupe_shared), fsynced."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    kept, aliases = dedupe_shared({k: v.detach() for k, v in tensors.items()})
+    meta = dict(metadata or {})
+    if aliases:
+        meta[SHARED_KEY] = json.dumps(aliases, sort_keys=True)
+    save_file({k: v.to("cpu").contiguous() for k, v in kept.items()}, str(path), metadata=meta or None)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; names stored once for several (tied) are all present again and
+    are the same tensor object, so a model's load_state_dict keeps them tied."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(str(path))
+    sd = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if SHARED_KEY in meta:
+        aliases = json.loads(meta[SHARED_KEY])
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) and v in sd for v in aliases.values()):
+            raise ValueError(f"{path.name}: bad {SHARED_KEY} metadata")
+        for name, kept in aliases.items():
+            sd.setdefault(name, sd[kept])
+    return sd
 
 
 # --------------------------------------------------------------------------- state kinds
@@ -362,7 +416,7 @@ def _finish_checkpoint(run: RunDir, step: int, tmp: Path, files: dict[str, Any],
     for name, content in files.items():
         path = tmp / name
         if name.endswith(".safetensors"):
-            _save_tensors(path, content)
+            save_tensors(path, content)
         else:
             with open(path, "w") as f:
                 json.dump(content, f)
@@ -494,7 +548,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             if name.startswith(f"{SHARDS}/"):  # read by load_shards / read_shards_full, which reshard
                 out[SHARDS] = path / SHARDS
                 continue
-            out[name] = _load_tensors(f) if name.endswith(".safetensors") else read_json(f)
+            out[name] = load_tensors(f) if name.endswith(".safetensors") else read_json(f)
         return out
     except Exception as e:  # noqa: BLE001 - verified but still unreadable: report, never load garbage
         kind = "safetensors" if f.name.endswith(".safetensors") else "JSON"
@@ -544,13 +598,8 @@ def read_shards_full(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Final weights (unwrapped state_dict, keys unchanged) + what rebuilds the model, atomically."""
-    from safetensors.torch import save_file
-
     tmp = run.path / f".model.safetensors.tmp{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, str(tmp),
-              metadata={"format": "pt", "disttrain": json.dumps({"model": meta.get("model")})})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    save_tensors(tmp, state_dict, {"format": "pt", "disttrain": json.dumps({"model": meta.get("model")})})
     write_json(run.model_meta, meta)
     os.replace(tmp, run.model)
     _fsync_dir(run.path)
@@ -573,7 +622,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not p.is_file():
         raise UsageError(f"{path}: no model.safetensors or checkpoint there")
     try:
-        sd = _load_tensors(p)
+        sd = load_tensors(p)
     except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{p}: not a readable safetensors file ({one_line(e)})") from None
     meta_path = p.parent / "model.json"

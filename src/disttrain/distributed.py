@@ -104,6 +104,16 @@ def share_gradients(cfg: Config, acc: Any, model: Any) -> None:
             model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
 
 
+def plain_module(acc: Any, model: Any) -> torch.nn.Module:
+    """The user's own module under every wrapper (DDP, torch.compile's `_orig_mod`, Accelerate's fp32
+    wrapper kept): its state_dict keys are the ones a plain `load_state_dict` expects, so every saved
+    weight file loads into the unwrapped model, compiled or not."""
+    m = acc.unwrap_model(model, keep_torch_compile=False)
+    while isinstance(getattr(m, "_orig_mod", None), torch.nn.Module):  # compiled before DDP wrapped it
+        m = m._orig_mod
+    return m
+
+
 def say(acc: Any, *args: Any) -> None:
     """print() on the global main process only (Accelerate's print is once per node)."""
     if acc.is_main_process:

@@ -31,8 +31,9 @@ from torch import nn
 
 from disttrain import checkpoint as ckpt
 from disttrain.config import Config
-from disttrain.distributed import share_gradients
+from disttrain.distributed import plain_module, share_gradients
 from disttrain.errors import UsageError
+from disttrain.state import load_model_weights
 
 _TRUE = ("1", "true", "yes")
 
@@ -115,7 +116,7 @@ class DataParallel:
         return self.acc.prepare(optimizer)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.acc.unwrap_model(model)
+        return plain_module(self.acc, model)
 
     def grad_sync(self, model: nn.Module, sync: bool) -> Any:
         """Context for one micro-batch's forward+backward: all-reduce its gradients only if `sync`."""
@@ -279,9 +280,13 @@ class FullyShardedDataParallel:
 
     def full_state_dict(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) on every rank, gathered one tensor at a time (a collective per DTensor):
-        the peak on a rank is its shards plus the largest single tensor."""
+        the peak on a rank is its shards plus the largest single tensor. Tied names (one parameter under
+        two names) yield the same gathered tensor, so the export stores it once."""
+        done: dict[int, torch.Tensor] = {}
         for k, v in self.unwrap(model).state_dict().items():
-            yield k, (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            if id(v) not in done:
+                done[id(v)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            yield k, done[id(v)]
 
 
 def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
@@ -304,12 +309,6 @@ def _check_keys(net: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     if missing or unexpected or bad_shape:
         raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"shape mismatch {bad_shape[:3]})")
-
-
-def load_model_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
-    """Load a full state_dict into an unsharded model; UsageError naming what does not fit."""
-    _check_keys(model, sd, what)
-    model.load_state_dict(sd)
 
 
 def _optimizer_fqn_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any], names: list[str]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, check_schedule, loss_name
 from disttrain.parallel import make_parallel, resolve_sharding
+from disttrain.state import Position, checkpoint_files, load_model_weights, position_dict, restore, shard_files
 from disttrain.summary import write_summary
 
 
@@ -38,24 +39,6 @@ STOP_EVERY = 4  # steps between stop-flag agreements in multi-process runs
 
 class Interrupted(Exception):
     """A stop signal was agreed on; a checkpoint has been written."""
-
-
-@dataclass
-class Position:
-    """Where the loop is; saved in every checkpoint (state.json) and restored on resume."""
-
-    epoch: int = 0  # 0-based epoch in progress
-    window: int = 0  # optimizer steps done in this epoch
-    step: int = 0  # optimizer steps done in the run
-    epoch_loss: float = 0.0  # sum of per-sample training losses so far this epoch, all ranks
-    epoch_count: int = 0
-    epoch_train_s: float = 0.0
-    elapsed_s: float = 0.0  # wall time of earlier attempts, up to their last checkpoint
-    best: dict[str, Any] | None = None
-    nonfinite_skips: int = 0
-    resumes: int = 0
-    checkpoints: int = 0
-    last_lr: float = 0.0
 
 
 @dataclass
@@ -255,13 +238,12 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     path = r.rundir.step_dir(r.pos.step)
     failed: TrainingError | None = None
     main = r.acc.is_main_process
-    # model + optimizer: the full state (main process) or every rank's shards (parallel.py decides)
-    files = r.par.checkpoint_state(r.model, r.optimizer) if main or r.par.sharded else {}
+    files = shard_files(r)  # FSDP: every rank writes its shards; else nothing on non-main ranks
     if main:
         r.pos.checkpoints += 1
-        state = dataclasses.asdict(r.pos) | {"elapsed_s": _elapsed(r), "metrics_lines": r.metrics.lines(),
-                                             "epoch_loss": r.pos.epoch_loss + s, "epoch_count": r.pos.epoch_count + n}
-        files |= _checkpoint_files(r, rng, state)
+        position = position_dict(r.pos, elapsed_s=_elapsed(r), metrics_lines=r.metrics.lines(),
+                                 epoch_loss=r.pos.epoch_loss + s, epoch_count=r.pos.epoch_count + n)
+        files = checkpoint_files(r, rng, position, files)
     if files:
         try:
             path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last, main=main, agree=r.sync.any)
@@ -272,23 +254,6 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     r.acc.wait_for_everyone()
     r.save_s += time.perf_counter() - t
     return path
-
-
-def _checkpoint_files(r: Run, rng: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, Any]:
-    files: dict[str, Any] = {
-        "scheduler.json": r.scheduler.state_dict(),
-        "rng.safetensors": rng,
-        "model.json": r.model_meta,
-        "state.json": {"position": state, "world_size": r.acc.num_processes, "global_batch": _global_batch(r),
-                       "config": r.cfg.to_dict(), "torch": torch.__version__},
-    }
-    if getattr(r.acc, "scaler", None) is not None:
-        files["scaler.json"] = r.acc.scaler.state_dict()
-    return files
-
-
-def _global_batch(r: Run) -> int:
-    return r.cfg.batch_size * r.acc.num_processes * r.cfg.grad_accum
 
 
 def _elapsed(r: Run) -> float:
@@ -374,7 +339,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     x, y = next(iter(next(data.train_windows(0))))
     check_batch(model, loss_fn, x, y, data.spec, name)
     if cfg.init_from:
-        _load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
+        load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     check_schedule(cfg, total)
@@ -396,15 +361,13 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         ckpt.write_atomic(rundir.config, to_yaml(cfg).encode())
     if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, above)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = par.wrap(model)  # DDP (Accelerate) or FSDP2; torch.compile'd if asked
+    model = par.wrap(model)  # DDP (Accelerate) or FSDP2, torch.compile'd if asked (parallel.py)
     optimizer = build_optimizer(cfg, model)  # on the wrapped (maybe sharded) parameters
     scheduler = build_scheduler(cfg, optimizer, total)
     optimizer = par.prepare_optimizer(optimizer)
     pos = Position()
     if saved is not None:
-        pos = _restore(saved, cfg, acc, par, model, optimizer, scheduler, source)
-        if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
-            acc.scaler.load_state_dict(saved["scaler.json"])
+        pos = restore(saved, cfg, acc, par, model, optimizer, scheduler, source)
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
@@ -413,40 +376,6 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
                total, meta, par)
-
-
-def _restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: Any, optimizer: Any, scheduler: Any,
-             source: Any) -> Position:
-    state = saved["state.json"]
-    p = state["position"]
-    pos = Position(**{k: p[k] for k in Position.__dataclass_fields__ if k in p})
-    pos.resumes += 1
-    par.load_state(model, optimizer, saved, f"checkpoint {source}")  # either layout, any world size
-    scheduler.load_state_dict(saved["scheduler.json"])
-    if state["global_batch"] != _gb(cfg, acc):  # --allow-batch-change: continue from the sample count
-        pos.window = pos.window * state["global_batch"] // _gb(cfg, acc)
-    rng = saved["rng.safetensors"]
-    if state["world_size"] == acc.num_processes:
-        ckpt.set_rng_state({k: rng[f"rank{acc.process_index}.{k}"] for k in ckpt.RNG_PARTS})
-    else:  # other world size: per-rank streams cannot carry over; derive fresh ones
-        say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
-                  "per-rank RNG streams (dropout) restart from the seed")
-        torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
-    return pos
-
-
-def _gb(cfg: Config, acc: Any) -> int:
-    return cfg.batch_size * acc.num_processes * cfg.grad_accum
-
-
-def _load_model_weights(model: Any, sd: dict[str, torch.Tensor], what: str) -> None:
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or bad_shape:
-        raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"shape mismatch {bad_shape[:3]})")
-    model.load_state_dict(sd)
 
 
 def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -> Any:
@@ -463,7 +392,7 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
     full = {}
-    for name, tensor in r.par.full_state_dict(r.model):  # (FSDP: gathered one tensor at a time, every rank)
+    for name, tensor in r.par.full_state_dict(r.model):  # FSDP: gathered one tensor at a time, every rank
         if r.acc.is_main_process:
             full[name] = tensor
     if r.acc.is_main_process:

@@ -1,0 +1,130 @@
+"""What a checkpoint holds, assembled outside the loop: the position, the model, optimizer, scheduler,
+grad scaler and every rank's RNG streams.
+
+Two functions are the whole contract with train.py:
+
+- `checkpoint_files(r, ...)` builds the `{file name: content}` mapping that `checkpoint.save_checkpoint`
+  writes (tensors -> .safetensors, anything else -> .json);
+- `restore(saved, ...)` puts a loaded checkpoint back into the wrapped model (DDP or FSDP2) and the prepared
+  optimizer: model and optimizer through the parallel strategy (parallel.py: full or sharded state, any world
+  size), then scheduler, RNG, position and grad scaler.
+
+A new kind of state (an EMA of the weights) adds its file in `checkpoint_files` and its restore in
+`restore`; the loop does not change. Only checkpoint.py knows how files are laid out
+on disk; this module only knows what they mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from disttrain import checkpoint as ckpt
+from disttrain.config import Config
+from disttrain.distributed import say
+
+if TYPE_CHECKING:  # train.py imports this module; the type only
+    from disttrain.train import Run
+
+
+@dataclass
+class Position:
+    """Where the loop is; saved in every checkpoint (state.json "position") and restored on resume."""
+
+    epoch: int = 0  # 0-based epoch in progress
+    window: int = 0  # optimizer steps done in this epoch
+    step: int = 0  # optimizer steps done in the run
+    epoch_loss: float = 0.0  # sum of per-sample training losses so far this epoch, all ranks
+    epoch_count: int = 0
+    epoch_train_s: float = 0.0
+    elapsed_s: float = 0.0  # wall time of earlier attempts, up to their last checkpoint
+    best: dict[str, Any] | None = None
+    nonfinite_skips: int = 0
+    resumes: int = 0
+    checkpoints: int = 0
+    last_lr: float = 0.0
+
+    @classmethod
+    def from_saved(cls, p: dict[str, Any]) -> Position:
+        """From a checkpoint's state.json "position" (keys it does not know are ignored)."""
+        return cls(**{k: p[k] for k in cls.__dataclass_fields__ if k in p})
+
+
+def global_batch(cfg: Config, world: int) -> int:
+    """Samples per optimizer step over all ranks: batch-size x processes x grad-accum."""
+    return cfg.batch_size * world * cfg.grad_accum
+
+
+# --------------------------------------------------------------------------- save
+
+
+def shard_files(r: Run) -> dict[str, Any]:
+    """What every rank writes itself: its shards of model and optimizer under FSDP (r.par), else nothing."""
+    return r.par.checkpoint_state(r.model, r.optimizer) if r.par.sharded else {}
+
+
+def checkpoint_files(r: Run, rng: dict[str, torch.Tensor], position: dict[str, Any],
+                     shards: dict[str, Any]) -> dict[str, Any]:
+    """The files of one checkpoint (main process). `rng` is every rank's RNG state (checkpoint.gather_rng, a
+    collective done by all ranks before), `position` the Position as a dict with the loop's not-yet-folded
+    sums added, `shards` this rank's shard_files(). Returns {file name: tensors dict or JSON-able object}."""
+    files: dict[str, Any] = {
+        **(shards or r.par.checkpoint_state(r.model, r.optimizer)),  # model + optimizer, full or sharded
+        "scheduler.json": r.scheduler.state_dict(),
+        "rng.safetensors": rng,
+        "model.json": r.model_meta,
+        "state.json": {"position": position, "world_size": r.acc.num_processes,
+                       "global_batch": global_batch(r.cfg, r.acc.num_processes),
+                       "config": r.cfg.to_dict(), "torch": torch.__version__},
+    }
+    if getattr(r.acc, "scaler", None) is not None:
+        files["scaler.json"] = r.acc.scaler.state_dict()
+    return files
+
+
+def position_dict(pos: Position, **override: Any) -> dict[str, Any]:
+    """The Position as saved, with `override` applied (e.g. the loop's running sums folded in)."""
+    return dataclasses.asdict(pos) | override
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: torch.nn.Module, optimizer: Any,
+            scheduler: Any, source: Any) -> Position:
+    """Model and optimizer (through `par`, either layout, any world size), scheduler, grad scaler, this
+    rank's RNG streams and the position, into the wrapped model and prepared optimizer."""
+    state = saved["state.json"]
+    pos = Position.from_saved(state["position"])
+    pos.resumes += 1
+    par.load_state(model, optimizer, saved, f"checkpoint {source}")
+    if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(saved["scaler.json"])
+    scheduler.load_state_dict(saved["scheduler.json"])
+    gb = global_batch(cfg, acc.num_processes)
+    if state["global_batch"] != gb:  # --allow-batch-change: continue from the sample count
+        pos.window = pos.window * state["global_batch"] // gb
+    rng = saved["rng.safetensors"]
+    if state["world_size"] == acc.num_processes:
+        ckpt.set_rng_state({k: rng[f"rank{acc.process_index}.{k}"] for k in ckpt.RNG_PARTS})
+    else:  # other world size: per-rank streams cannot carry over; derive fresh ones
+        say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
+                  "per-rank RNG streams (dropout) restart from the seed")
+        torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
+    return pos
+
+
+def load_model_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Load `sd` into `model` exactly (UsageError naming `what` when the keys or shapes do not fit)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or bad_shape:
+        from disttrain.errors import UsageError
+
+        raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"shape mismatch {bad_shape[:3]})")
+    model.load_state_dict(sd)
