@@ -5,8 +5,8 @@
                                        rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
     <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000R-model-00001-of-00001.safetensors
                                        (one per rank: its dim-0 shards of model.<name> and optim.<name>.<state>,
-                                       offsets in the safetensors header) optimizer.json rng.safetensors
-                                       state.json model.json manifest.json
+                                       offsets in the safetensors header) sharding.json (tied names)
+                                       optimizer.json rng.safetensors state.json model.json manifest.json
     <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
 
 Only safetensors and JSON, no pickle on any path: sharded checkpoints go through torch.distributed.checkpoint
@@ -43,6 +43,7 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 REQUIRED = ("state.json", "model.json")  # and model.safetensors, or shards/ for a sharded checkpoint
 SHARDS = "shards"  # key of the per-rank shards in `files`/`load_checkpoint`, and their directory
+SHARDING_JSON = "sharding.json"  # beside shards/: {"tied": {name: name stored in its place}}
 MAX_JSON_BYTES = 64 << 20
 
 
@@ -555,6 +556,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"checkpoint {f}: unreadable, expected {kind} ({type(e).__name__}: {one_line(e)[:200]})") from None
 
 
+def with_tied(sd: dict[str, torch.Tensor], saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's model.<name> tensors, with the tied names it stored once added back."""
+    for name, kept in saved.get(SHARDING_JSON, {}).get("tied", {}).items():
+        if kept in sd:
+            sd.setdefault(name, sd[kept])
+    return sd
+
+
 def is_sharded(saved: dict[str, Any]) -> bool:
     """Whether a load_checkpoint() result holds per-rank shards (written under --sharding fsdp)."""
     return SHARDS in saved
@@ -615,7 +624,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         data = load_checkpoint(p)
         if is_sharded(data):
             full = read_shards_full(data)
-            return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}, data["model.json"], p
+            sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            return with_tied(sd, data), data["model.json"], p
         return data["model.safetensors"], data["model.json"], p
     if p.is_dir():
         p = p / "model.safetensors"

@@ -22,6 +22,7 @@ itself, so such a launch shards with FSDP2 here (or refuses, with `--sharding no
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -142,7 +143,7 @@ class DataParallel:
         net = self.unwrap(model)
         if ckpt.is_sharded(saved):  # written by FSDP on any number of ranks: read it whole
             flat = ckpt.read_shards_full(saved)
-            sd = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+            sd = ckpt.with_tied({k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}, saved)
             load_model_weights(net, sd, what)
             tensors, meta = _optimizer_fqn_to_ids(flat, saved["optimizer.json"], trainable_fqns(net))
         else:
@@ -236,7 +237,9 @@ class FullyShardedDataParallel:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         net = self.unwrap(model)
-        shards: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in get_model_state_dict(net).items()}
+        aliases = tied_aliases(net)  # safetensors stores a tied parameter once
+        shards: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in get_model_state_dict(net).items()
+                                           if k not in aliases}
         osd = get_optimizer_state_dict(net, optimizer)
         scalars: dict[str, dict[str, Any]] = {}
         for fqn, st in osd["state"].items():
@@ -246,7 +249,7 @@ class FullyShardedDataParallel:
                 else:
                     scalars.setdefault(fqn, {})[k] = v
         meta = {"param_groups": osd["param_groups"], "scalars": scalars, "keyed_by": "fqn"}
-        return {ckpt.SHARDS: shards, "optimizer.json": meta}
+        return {ckpt.SHARDS: shards, "optimizer.json": meta, ckpt.SHARDING_JSON: {"tied": aliases}}
 
     def load_state(self, model: nn.Module, optimizer: Any, saved: dict[str, Any], what: str) -> None:
         """Sharded checkpoints load shard by shard (DCP reshards to this world size); full ones are
@@ -259,7 +262,7 @@ class FullyShardedDataParallel:
         if ckpt.is_sharded(saved):
             template = self.checkpoint_state(model, optimizer)[ckpt.SHARDS]  # DTensors of this layout
             ckpt.load_shards(saved, template)  # in place
-            sd = {k[len("model."):]: v for k, v in template.items() if k.startswith("model.")}
+            sd = ckpt.with_tied({k[len("model."):]: v for k, v in template.items() if k.startswith("model.")}, saved)
             _check_keys(net, sd, what)
             set_model_state_dict(net, sd)
             osd = _optimizer_fqn_state(template, saved["optimizer.json"], names)
@@ -282,11 +285,18 @@ class FullyShardedDataParallel:
         """(name, full tensor) on every rank, gathered one tensor at a time (a collective per DTensor):
         the peak on a rank is its shards plus the largest single tensor. Tied names (one parameter under
         two names) yield the same gathered tensor, so the export stores it once."""
-        done: dict[int, torch.Tensor] = {}
-        for k, v in self.unwrap(model).state_dict().items():
-            if id(v) not in done:
-                done[id(v)] = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-            yield k, done[id(v)]
+        sd = self.unwrap(model).state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
+        uses = Counter(id(v) for v in sd.values())
+        tied: dict[int, torch.Tensor] = {}
+        for k, v in sd.items():
+            if id(v) not in tied:
+                with torch.no_grad():
+                    t = (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+                if uses[id(v)] == 1:
+                    yield k, t
+                    continue
+                tied[id(v)] = t
+            yield k, tied[id(v)]
 
 
 def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
@@ -296,6 +306,18 @@ def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
     blocks += [getattr(model, f"layer{i}") for i in range(1, 5)
                if isinstance(getattr(model, f"layer{i}", None), nn.Sequential) and hasattr(model, "fc")]
     return [b for b in blocks if any(True for _ in b.parameters())]
+
+
+def tied_aliases(net: nn.Module) -> dict[str, str]:
+    """{name: the first name of the same parameter} for parameters registered under several names."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
