@@ -177,14 +177,16 @@ class FullyShardedDataParallel:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # bf16 compute with fp32 master weights (the sharded parameters) and an fp32 gradient reduction;
-        # outputs cast back to fp32 so the loss is computed as in full precision
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                   output_dtype=torch.float32)
-              if self.cfg.mixed_precision == "bf16" else MixedPrecisionPolicy())
+        # the model's output cast back to fp32 so the loss is computed as in full precision
+        bf16 = self.cfg.mixed_precision == "bf16"
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+            MixedPrecisionPolicy()
+        root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                       output_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
         for block in fsdp_blocks(model):
             fully_shard(block, mesh=self.mesh, mp_policy=mp, reshard_after_forward=self.reshard)
         # the root keeps what is left (embeddings, head, norms); after forward it is needed by backward first
-        fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False)
+        fully_shard(model, mesh=self.mesh, mp_policy=root_mp, reshard_after_forward=False)
         self.module = model
         return torch.compile(model) if self.cfg.compile else model
 
