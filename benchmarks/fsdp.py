@@ -1,6 +1,7 @@
 """FSDP2 vs DDP on N CPU processes, side by side in one run: memory per rank, step time, checkpoints.
 
-    python benchmarks/fsdp.py [--nproc 2] [--rounds 3] [--steps 20] [--width 384] [--depth 4] [--json out.json]
+    python benchmarks/fsdp.py [--nproc 2] [--rounds 3] [--steps 20] [--width 384] [--depth 4] [--batch 32]
+                              [--no-reshard] [--json out.json]
 
 It starts itself under torchrun (gloo). Every round trains the same model (a stack of `depth` residual MLP
 blocks in an nn.ModuleList, width x 4*width, ~`12 * depth * width**2` parameters, AdamW) once with disttrain's
@@ -77,7 +78,8 @@ def one(kind: str, args: argparse.Namespace, acc: Any, work: Path) -> dict[str, 
     from disttrain.parallel import make_parallel
 
     cfg = parse_config(["--optimizer", "adamw", "--lr", "1e-4", "--max-grad-norm", "1.0", "--sharding", kind,
-                        "--dataset", "synthetic_classification", "--model", "mlp"])
+                        "--dataset", "synthetic_classification", "--model", "mlp",
+                        "--fsdp-reshard-after-forward" if args.reshard else "--no-fsdp-reshard-after-forward"])
     torch.manual_seed(0)
     model = Stack(args.width, args.depth)
     par = make_parallel(cfg, acc, kind)
@@ -170,6 +172,8 @@ def main() -> None:
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--batch", type=int, default=32, help="per rank")
+    p.add_argument("--reshard", action=argparse.BooleanOptionalAction, default=True,
+                   help="FSDP: --fsdp-reshard-after-forward (default) or not")
     p.add_argument("--json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -188,12 +192,14 @@ def main() -> None:
             port = sock.getsockname()[1]
         cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.nproc),
                "--master_port", str(port), __file__, "--worker", "--workdir", str(tmp), "--result", str(tmp / "r.json"),
-               *sum(([f"--{k}", str(getattr(args, k))] for k in ("rounds", "steps", "width", "depth", "batch")), [])]
+               *sum(([f"--{k}", str(getattr(args, k))] for k in ("rounds", "steps", "width", "depth", "batch")), []),
+               "--reshard" if args.reshard else "--no-reshard"]
         subprocess.run(cmd, check=True, env=env)
         out = report(json.loads((tmp / "r.json").read_text()), args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"model: {out['params'] / 1e6:.2f} M parameters, AdamW, {args.nproc} processes, median of {args.rounds} rounds")
+    print(f"model: {out['params'] / 1e6:.2f} M parameters, AdamW, batch {args.batch}/rank, {args.nproc} processes, "
+          f"reshard after forward {args.reshard}, median of {args.rounds} rounds")
     print(f"{'':10}{'DDP':>10}{'FSDP2':>10}{'FSDP/DDP':>10}")
     for m in METRICS:
         print(f"{m:10}{out['ddp'][m]:10.3f}{out['fsdp'][m]:10.3f}{out['ratio_fsdp_over_ddp'][m]:10.2f}")

@@ -169,3 +169,37 @@ def test_impossible_fsdp_combinations_are_refused(tmp_path, capsys, extra, words
     assert main(EQ + ["--batch-size", "16", "--output-dir", str(out), "--sharding", "fsdp", *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0] and not out.exists()
+
+
+def test_fsdp_units_are_modulelist_children_and_resnet_stages():
+    import torchvision
+    from torch import nn
+
+    from disttrain.parallel import fsdp_blocks, tied_aliases
+
+    class GPTLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(10, 4)
+            self.h = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+    g = GPTLike()
+    assert fsdp_blocks(g) == list(g.h)
+    assert tied_aliases(g) == {"lm_head.weight": "wte.weight"}
+    r = torchvision.models.resnet18(weights=None)
+    assert fsdp_blocks(r) == [r.layer1, r.layer2, r.layer3, r.layer4]
+    assert fsdp_blocks(nn.Sequential(nn.Linear(2, 2), nn.ReLU())) == []
+
+
+def test_sharding_follows_the_launch_config(monkeypatch):
+    from disttrain.config import parse_config
+    from disttrain.parallel import reshard_after_forward, resolve_sharding
+
+    assert resolve_sharding(parse_config([])) == "none"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
+    cfg = parse_config([])
+    assert resolve_sharding(cfg) == "fsdp" and reshard_after_forward(cfg) is False
+    assert reshard_after_forward(parse_config(["--fsdp-reshard-after-forward"])) is True
