@@ -343,6 +343,7 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     check_schedule(cfg, total)
+    build_optimizer(cfg, model)  # refuses bad optimizer settings now; the real one is built after wrapping
     par = make_parallel(cfg, acc, sharding)
     say(acc, f"{topology(acc, cfg, data.steps_per_epoch(), threads)}, {par.describe(model)}")
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
