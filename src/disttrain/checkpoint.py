@@ -347,20 +347,19 @@ def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: in
     tmp = run.checkpoints / f".tmp-{run.step_dir(step).name}"
     sharded = SHARDS in files
     try:
+        if not sharded:
+            return _save_checkpoint(run, step, files, keep_last) if main else run.step_dir(step)
+        assert agree is not None, "a sharded save is a collective: pass agree"
         failed: OSError | None = None
         if main:
             try:
                 _start_tmp(run, tmp, step)
             except OSError as e:
                 failed = e
-        if sharded:
-            assert agree is not None, "a sharded save is a collective: pass agree"
-            if agree(failed is not None):  # every rank stops together
-                raise failed or FileNotFoundError(errno.ENOENT, "the main process could not create it", str(tmp))
-            _save_shards(tmp / SHARDS, files[SHARDS])
-            _fault("wrote-shards", step)
-        elif failed is not None:
-            raise failed
+        if agree(failed is not None):  # every rank stops together
+            raise failed or FileNotFoundError(errno.ENOENT, "the main process could not create it", str(tmp))
+        _save_shards(tmp / SHARDS, files[SHARDS])
+        _fault("wrote-shards", step)
         if not main:
             return run.step_dir(step)
         return _finish_checkpoint(run, step, tmp, {k: v for k, v in files.items() if k != SHARDS}, keep_last)
@@ -382,6 +381,13 @@ def _checkpoint_exception() -> type[BaseException]:
     from torch.distributed.checkpoint.api import CheckpointException
 
     return CheckpointException
+
+
+def _save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int) -> Path:
+    """An unsharded checkpoint, written by the main process alone."""
+    tmp = run.checkpoints / f".tmp-{run.step_dir(step).name}"
+    _start_tmp(run, tmp, step)
+    return _finish_checkpoint(run, step, tmp, files, keep_last)
 
 
 def _start_tmp(run: RunDir, tmp: Path, step: int) -> None:
