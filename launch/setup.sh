@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch>=2.4 is only a lower bound: pip takes the newest release it may (capped on the dev machines).
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,plot,tensorboard]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test,plot,tensorboard,data]"
 
 # Offline data: Debian's dataset-fashion-mnist ships the real Fashion-MNIST IDX files.
 want_data=1

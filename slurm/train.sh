@@ -36,6 +36,7 @@ set -euo pipefail
 
 PY=${DISTTRAIN_PYTHON:-python3}
 MAX_REQUEUES=${DISTTRAIN_MAX_REQUEUES:-10}
+MAX_RESTARTS=${DISTTRAIN_MAX_RESTARTS:-3}     # crashed worker groups started again in place (disttrain.launch)
 RESTARTS=${SLURM_RESTART_COUNT:-0}
 ROOT=${DISTTRAIN_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}                 # the disttrain checkout
 LAUNCH_CONFIG=${DISTTRAIN_LAUNCH_CONFIG:-$ROOT/launch/multi-node.yaml}
@@ -45,6 +46,7 @@ log() { echo "train.sh [$(date '+%F %T')] $*"; }
 die() { log "error: $*" >&2; exit 2; }
 
 command -v "$PY" >/dev/null || die "no python '$PY' (put one on PATH or set DISTTRAIN_PYTHON)"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "DISTTRAIN_MAX_RESTARTS must be a whole number >= 0, got '$MAX_RESTARTS'"
 [ -f "$LAUNCH_CONFIG" ] || die "no launch config $LAUNCH_CONFIG (submit from the repo root, or set DISTTRAIN_HOME)"
 
 # Processes per node: DISTTRAIN_PROCS_PER_NODE if set, else the node's GPUs, else 1 CPU process.
@@ -74,7 +76,7 @@ fi
 FLAGS=(--resume auto "${FLAGS[@]}")
 
 log "job $SLURM_JOB_ID attempt $((RESTARTS + 1)) (SLURM_RESTART_COUNT=$RESTARTS): $NNODES node(s) x $PER_NODE" \
-    "process(es) ($GPUS GPU(s)/node), main $MAIN_ADDR:$PORT, run dir $OUT"
+    "process(es) ($GPUS GPU(s)/node), main $MAIN_ADDR:$PORT, run dir $OUT, up to $MAX_RESTARTS in-place restart(s)"
 
 # Bad flags fail here, once, with one line (exit 2), before any node starts anything.
 "$PY" -c 'import sys; from disttrain.launch import check; sys.exit(check(sys.argv[1:]))' "${FLAGS[@]}" || {
@@ -107,9 +109,10 @@ START=$(date +%s)
   rc=0
   # shellcheck disable=SC2016  # $SLURM_NODEID must expand on each node, inside the task
   srun --kill-on-bad-exit=1 --label --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" \
-    bash -c 'exec "$0" -m disttrain.launch --config_file "$1" --num_machines "$2" --num_processes "$3" \
-                --machine_rank "$SLURM_NODEID" --main_process_ip "$4" --main_process_port "$5" -- "${@:6}"' \
-    "$PY" "$LAUNCH_CONFIG" "$NNODES" "$NPROC" "$MAIN_ADDR" "$PORT" "${FLAGS[@]}" || rc=$?
+    bash -c 'exec "$0" -m disttrain.launch --max-restarts "$6" --config_file "$1" --num_machines "$2" \
+                --num_processes "$3" --machine_rank "$SLURM_NODEID" --main_process_ip "$4" \
+                --main_process_port "$5" -- "${@:7}"' \
+    "$PY" "$LAUNCH_CONFIG" "$NNODES" "$NPROC" "$MAIN_ADDR" "$PORT" "$MAX_RESTARTS" "${FLAGS[@]}" || rc=$?
   echo "$rc" >"$RCFILE"
 ) &
 CHILD=$!

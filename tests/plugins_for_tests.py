@@ -46,8 +46,9 @@ def indexed_data(data_dir: str, n_train: int = 200, n_eval: int = 51, features: 
 
 
 class Recording(nn.Module):
-    """An MLP over features 1..; in training mode it appends the indices (feature 0) of each batch to
-    $DISTTRAIN_TEST_RECORD/rank<RANK>.txt, one line per forward call."""
+    """An MLP over features 1..; it appends the indices (feature 0) of each batch it is trained on to
+    $DISTTRAIN_TEST_RECORD/rank<RANK>.txt, one line per backward pass through it (so the pre-flight forward,
+    which never runs backward, is not recorded)."""
 
     def __init__(self, features: int = 8, classes: int = 3, hidden: int = 16) -> None:
         super().__init__()
@@ -55,11 +56,15 @@ class Recording(nn.Module):
         self.record = os.environ.get("DISTTRAIN_TEST_RECORD")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and self.record and torch.is_grad_enabled():
+        out = self.net(x[:, 1:])
+        if self.training and self.record and out.requires_grad:
             line = ",".join(str(int(i)) for i in x[:, 0].tolist())
-            with open(Path(self.record) / f"rank{os.environ.get('RANK', '0')}.txt", "a") as f:
-                f.write(line + "\n")
-        return self.net(x[:, 1:])
+            out.register_hook(lambda g: self._write(line))
+        return out
+
+    def _write(self, line: str) -> None:
+        with open(Path(self.record) / f"rank{os.environ.get('RANK', '0')}.txt", "a") as f:
+            f.write(line + "\n")
 
 
 def recording(**kw) -> nn.Module:
@@ -120,3 +125,128 @@ class SharedBlockNet(nn.Module):
 
 def shared_block_net(**kw) -> nn.Module:
     return SharedBlockNet(**kw)
+
+
+class UnusedHead(nn.Module):
+    """An MLP with a second head that `forward` never calls, a frozen input layer, and (sometimes=True) an
+    extra layer used only on every third training forward (the same steps on every rank and world size;
+    `phase` 1: including the first, the pre-flight)."""
+
+    def __init__(self, features: int = 8, classes: int = 3, sometimes: bool = False, phase: int = 0,
+                 with_unused_head: bool = True) -> None:
+        super().__init__()
+        self.frozen = nn.Linear(features, features)
+        self.frozen.requires_grad_(False)
+        self.body = nn.Linear(features, 16)
+        self.head = nn.Linear(16, classes)
+        self.unused_head = nn.Linear(16, classes) if with_unused_head else None  # never called
+        self.phase = phase  # 1: the pre-flight forward (the first) uses `sometimes`
+        self.sometimes = nn.Linear(16, 16) if sometimes else None
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(self.frozen(x[:, 1:])))
+        if self.training and torch.is_grad_enabled():
+            self.calls += 1
+        if self.sometimes is not None and self.calls % 3 == self.phase:
+            h = torch.tanh(self.sometimes(h))
+        return self.head(h)
+
+
+def unused_head(**kw) -> nn.Module:
+    return UnusedHead(**kw)
+
+
+class NoisyIndexed(torch.utils.data.Dataset):
+    """indexed_data read through `__getitem__` with random augmentation: feature 1 gets noise drawn from
+    torch, numpy and Python's `random` (the draws DataLoader workers make); not a TensorDataset, so it goes
+    through the DataLoader path."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.x, self.y = base.tensors
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import random
+
+        import numpy as np
+
+        x = self.x[i].clone()
+        x[1] += float(torch.rand(())) + float(np.random.rand()) + random.random()
+        return x, self.y[i]
+
+
+def noisy_data(data_dir: str, **kw) -> tuple[NoisyIndexed, NoisyIndexed]:
+    train, test = indexed_data(data_dir, **kw)
+    return NoisyIndexed(train), NoisyIndexed(test)
+
+
+class DictItems(torch.utils.data.Dataset):
+    """indexed_data with mapping items, under the given keys."""
+
+    def __init__(self, base: TensorDataset, keys: tuple[str, str]) -> None:
+        self.base, self.keys = base, keys
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.base[i]
+        return {self.keys[0]: x, self.keys[1]: y, "id": i}
+
+
+def dict_data(data_dir: str, input_key: str = "x", target_key: str = "label", **kw) -> tuple[DictItems, DictItems]:
+    train, test = indexed_data(data_dir, **kw)
+    return DictItems(train, (input_key, target_key)), DictItems(test, (input_key, target_key))
+
+
+class ValuesRecording(Recording):
+    """Recording that writes (index, feature 1) of every trained sample and, per forward, one draw of the
+    process's torch RNG (what dropout would use): `index:value` items, then `|draw`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x[:, 1:])
+        if self.training and self.record and out.requires_grad:
+            draw = float(torch.rand(()))
+            line = ",".join(f"{int(i)}:{v!r}" for i, v in zip(x[:, 0].tolist(), x[:, 1].tolist())) + f"|{draw!r}"
+            out.register_hook(lambda g: self._write(line))
+        return out
+
+
+def values_recording(**kw) -> nn.Module:
+    return ValuesRecording(**kw)
+
+
+class BatchNormFirst(nn.Module):
+    """Batch norm on the raw features (its running statistics depend on the batches only), then an MLP."""
+
+    def __init__(self, features: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(features)
+        self.net = nn.Sequential(nn.Linear(features, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.bn(x[:, 1:]))
+
+
+def batchnorm_first(**kw) -> nn.Module:
+    return BatchNormFirst(**kw)
+
+
+class ViewFlattenConv(nn.Module):
+    """A conv net as people write it: flattens with x.view(x.size(0), -1), which channels_last breaks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 13 * 13, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def view_flatten_conv() -> nn.Module:
+    return ViewFlattenConv()

@@ -57,6 +57,18 @@ def data_empty(data_dir, **kw):
 
 def data_negative_labels(data_dir, **kw):
     return TensorDataset(torch.zeros(8, 4), torch.full((8,), -1)), None
+
+class _Dicts(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return {"pixels": torch.zeros(4), "label": 0}
+
+def data_dict_wrong_keys(data_dir, **kw):
+    return _Dicts(), None
+
+def data_triples(data_dir, **kw):
+    return TensorDataset(torch.zeros(8, 4), torch.zeros(8, dtype=torch.long), torch.zeros(8)), None
 '''
 PLUGIN = "dt_badinput_plugins"
 
@@ -195,6 +207,8 @@ CASES = [
          out="none", prepare=_corrupt_all),
     Case("resume-none-existing-run", ["--output-dir", "{run}"], ["already holds a run", "--resume auto", "--overwrite"],
          out="none"),
+    Case("resume-auto-without-output-dir", ["--dataset", "fashion_mnist", "--data-dir", "{data}", "--model", "linear",
+                                            "--resume", "auto"], ["--resume auto needs --output-dir"], base=False),
     Case("init-from-missing", ["--init-from", "{tmp}/nothing.safetensors"], ["nothing.safetensors", "no such file"]),
     # ---- output directory
     Case("output-dir-is-a-file", ["--output-dir", "{tmp}/a_file"], ["a_file", "not a directory"],
@@ -213,6 +227,10 @@ CASES = [
     Case("dataset-factory-wrong-type", ["--dataset", f"{P}:data_wrong_type"],
          [f"{P}:data_wrong_type", "(train_dataset, eval_dataset or None)", "list"]),
     Case("dataset-empty", ["--dataset", f"{P}:data_empty"], [f"{P}:data_empty", "empty"]),
+    Case("dataset-dict-items-wrong-keys", ["--dataset", f"{P}:data_dict_wrong_keys", "--model", "mlp"],
+         ["['label', 'pixels']", "input key of", "'image'"]),
+    Case("dataset-items-not-pairs", ["--dataset", f"{P}:data_triples", "--model", "mlp"],
+         ["(input, target) pairs", "tuple of length 3"]),
     Case("dataset-negative-labels", ["--dataset", f"{P}:data_negative_labels"], ["-1", "0..C-1"]),
     Case("float-targets-cross-entropy", ["--dataset", "synthetic_regression", "--loss", "cross_entropy"],
          ["cross_entropy", "integer class targets", "floating point"]),

@@ -38,6 +38,12 @@ def records(run_dir):
 # --------------------------------------------------------------------------- round trips of every state kind
 
 
+# the least a checkpoint's JSON files must hold to pass the schema (disttrain.schema)
+MINIMAL_STATE = {"position": {"epoch": 0, "window": 3, "step": 3, "metrics_lines": 0}, "config": {},
+                 "world_size": 1, "global_batch": 4}
+MINIMAL_META = {"model": "linear", "spec": {"task": "regression", "input_shape": [3], "num_outputs": 2}}
+
+
 @pytest.mark.parametrize("make", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
                                   lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.9)),
                                   lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1)])
@@ -52,7 +58,8 @@ def test_optimizer_round_trip(tmp_path, make):
     tensors, meta = ckpt.optimizer_to_files(opt.state_dict())
     run_dir = ckpt.RunDir(tmp_path)
     path = ckpt.save_checkpoint(run_dir, 3, {"model.safetensors": model.state_dict(), "optimizer.safetensors": tensors,
-                                             "optimizer.json": meta, "state.json": {}, "model.json": {}}, 3)
+                                             "optimizer.json": meta, "state.json": MINIMAL_STATE,
+                                             "model.json": MINIMAL_META}, 3)
     loaded = ckpt.load_checkpoint(path)
     model2 = torch.nn.Linear(3, 2)
     model2.load_state_dict(loaded["model.safetensors"])
@@ -229,25 +236,51 @@ def test_export_loads_with_plain_safetensors(tmp_path):
 # --------------------------------------------------------------------------- kill -9 at random moments
 
 
-def kill_loop(command: list[str], out, seed: int, kills: int, lo: float, hi: float, whole_s: float) -> int:
-    """Start, SIGKILL the whole process group after a random delay, restart with --resume auto; repeat.
-    The delays are drawn between lo and hi times `whole_s`, the uninterrupted run's wall time, so the kills
-    land inside the run (start-up included) on a fast machine as on a slow one."""
+FAULT_POINTS = ("started", "wrote-model.safetensors", "wrote-optimizer.safetensors", "before-rename", "after-rename")
+
+
+def newest_step(out) -> int:
+    d = out / "checkpoints"
+    return max((int(p.name[5:]) for p in d.iterdir() if ckpt.STEP_RE.match(p.name)), default=0) if d.is_dir() else 0
+
+
+def kill_loop(command: list[str], out, seed: int, kills: int, total_steps: int) -> int:
+    """Start with --resume auto, SIGKILL, restart; `kills` times, then let it finish. Deterministic on any
+    machine speed: even attempts die through the fault hook (DISTTRAIN_FAULT: SIGKILL of the main process)
+    at a seeded point of the save of a seeded step ahead; odd attempts are killed from outside, the whole
+    process group at once, as soon as a checkpoint newer than the attempt's start appears (an arbitrary
+    moment; the kills all come in the first half of the run, so it never ends first). Returns the kills done."""
     rng = random.Random(seed)
     killed = 0
-    for _ in range(kills):
-        p = subprocess.Popen(command + ["--resume", "auto"], env=env(), start_new_session=True,
+    for i in range(kills):
+        start = newest_step(out)
+        fault = {}
+        if i % 2 == 0:  # a save 2-8 checkpoints ahead (steps that are multiples of --save-every-steps 5)
+            step = min((start // 5 + rng.randint(2, 8)) * 5, (total_steps - 10) // 5 * 5)
+            fault = {"DISTTRAIN_FAULT": f"{rng.choice(FAULT_POINTS)}:{step}"}
+        p = subprocess.Popen(command + ["--resume", "auto"], env=env(**fault), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            p.wait(timeout=rng.uniform(lo, hi) * whole_s)
-        except subprocess.TimeoutExpired:
+        if not fault:  # wait on the condition (a new checkpoint), then kill the whole group at once
+            while p.poll() is None and newest_step(out) <= start:
+                time.sleep(0.02)
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=600)
+        if _group_alive(p.pid):  # a launcher's other ranks, after the fault killed the main process
             os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            killed += 1
+        killed += p.returncode != 0
     final = run(command + ["--resume", "auto"])
     errors = [ln for ln in final.stderr.splitlines() if "disttrain" in ln]
     assert final.returncode == 0, errors or final.stderr[-2000:]
     return killed
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 LONG = ["--dataset", "plugins_for_tests:indexed_data", "--model", "plugins_for_tests:dropout_mlp", "--no-progress",
@@ -258,25 +291,20 @@ LONG = ["--dataset", "plugins_for_tests:indexed_data", "--model", "plugins_for_t
 def test_kill_dash_nine_loop_one_process(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = [PY, "-m", "disttrain.train", *LONG]
-    t = time.monotonic()
     assert run(base + ["--output-dir", str(ref)]).returncode == 0
-    killed = kill_loop(base + ["--output-dir", str(out)], out, seed=1, kills=4, lo=0.3, hi=0.9,
-                       whole_s=time.monotonic() - t)
-    assert killed >= 2
+    assert kill_loop(base + ["--output-dir", str(out)], out, seed=1, kills=4, total_steps=376) == 4
     assert bitwise_equal(weights(out), weights(ref))
     steps = [r["step"] for r in records(out) if r["kind"] != "resume"]
     assert steps == sorted(steps) and steps == [r["step"] for r in records(ref)]
+    assert len([r for r in records(out) if r["kind"] == "resume"]) >= 4
 
 
 @pytest.mark.slow
 def test_kill_dash_nine_loop_two_processes(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "out"
     base = train_cmd(2, "accelerate") + LONG
-    t = time.monotonic()
     assert run(base + ["--output-dir", str(ref)]).returncode == 0
-    killed = kill_loop(base + ["--output-dir", str(out)], out, seed=2, kills=3, lo=0.3, hi=0.9,
-                       whole_s=time.monotonic() - t)
-    assert killed >= 1
+    assert kill_loop(base + ["--output-dir", str(out)], out, seed=2, kills=3, total_steps=188) == 3
     assert bitwise_equal(weights(out), weights(ref))
 
 

@@ -33,10 +33,12 @@ def test_precedence_defaults_yaml_flags(tmp_path):
 
 
 def test_yaml_values_take_the_field_type(tmp_path):
-    path = write(tmp_path, "lr: '0.5'\nmax_steps: '7'\nmodel_kwargs: {hidden: 8}\nprogress: false\nmax_grad_norm: null\n")
+    path = write(tmp_path, "lr: 5e-1\nmax_steps: 7.0\nmodel_kwargs: {hidden: 8}\nprogress: false\nmax_grad_norm: null\n")
     cfg = parse_config(["--config", path])
     assert cfg.lr == 0.5 and cfg.max_steps == 7 and cfg.model_kwargs == {"hidden": 8}
     assert cfg.progress is False and cfg.max_grad_norm is None
+    with pytest.raises(UsageError, match="got the string '0.5'"):  # quoted: a string, not a number (issue 15)
+        parse_config(["--config", write(tmp_path, "lr: '0.5'\n")])
 
 
 @pytest.mark.parametrize("text,needle", [

@@ -83,33 +83,47 @@ def test_val_split_is_deterministic_and_disjoint():
     assert len(seen) == 200 and not set(a.train.x[:, 0].tolist()) & set(a.val.x[:, 0].tolist())
 
 
-def order(n: int, world: int, batch: int, epoch: int, seed: int = 0) -> list[list[list[int]]]:
-    """Per rank, the micro-batches of the epoch."""
+def data(n: int, world: int, rank: int, batch: int, seed: int = 0, accum: int = 1) -> Data:
     ds = ArrayDataset(torch.arange(n), torch.zeros(n, dtype=torch.long))
     spec = DataSpec("classification", [1], 2)
-    out = []
-    for r in range(world):
-        d = Data(Config(batch_size=batch, seed=seed), ds, None, None, spec, r, world, torch.device("cpu"))
-        out.append([b.tolist() for b in d.epoch_batches(epoch)])
-    return out
+    return Data(Config(batch_size=batch, seed=seed, grad_accum=accum), ds, None, None, spec, rank, world,
+                torch.device("cpu"))
 
 
+def order(n: int, world: int, batch: int, epoch: int, seed: int = 0, accum: int = 1) -> list[list[list[int]]]:
+    """Per rank, per optimizer step, the sample indices of the step (all its micro-batches)."""
+    return [[[i for b in w for i in b.tolist()] for w, _ in data(n, world, r, batch, seed, accum).epoch_windows(epoch)]
+            for r in range(world)]
+
+
+@pytest.mark.parametrize("n", [96, 97, 101, 5])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_sample_once_per_epoch(world):
-    n = 101
+def test_every_sample_exactly_once_per_epoch_no_padding(world, n):
     per_rank = order(n, world, 8, epoch=3)
-    seen = [i for rank in per_rank for b in rank for i in b]
-    pad = -n % world
-    assert sorted(set(seen)) == list(range(n)) and len(seen) == n + pad
+    seen = [i for rank in per_rank for w in rank for i in w]
+    assert sorted(seen) == list(range(n))  # no padding, no dropping
+    assert len({len(rank) for rank in per_rank}) == 1  # every rank has the same number of steps
 
 
-def test_global_batch_is_world_size_independent():
-    one = order(96, 1, 32, epoch=1)[0]
-    two = order(96, 2, 16, epoch=1)
-    for k, batch in enumerate(one):
-        assert sorted(batch) == sorted(two[0][k] + two[1][k])
+@pytest.mark.parametrize("n", [96, 101, 97, 33])
+def test_global_batch_is_world_size_independent(n):
+    one, two, acc = order(n, 1, 32, epoch=1)[0], order(n, 2, 16, epoch=1), order(n, 1, 16, epoch=1, accum=2)[0]
+    assert len(one) == len(two[0]) == len(acc)
+    for k, step in enumerate(one):
+        assert sorted(step) == sorted(two[0][k] + two[1][k]) == sorted(acc[k])
     assert order(96, 1, 32, epoch=2) != order(96, 1, 32, epoch=1)  # reshuffled each epoch
     assert order(96, 1, 32, epoch=1, seed=5) != order(96, 1, 32, epoch=1)
+
+
+def test_a_rank_without_samples_gets_a_weight_zero_placeholder():
+    # 97 samples, 2 ranks x 16: the last step holds 1 sample, on rank 0; rank 1 joins with a placeholder
+    w0, w1 = (list(data(97, 2, r, 16).train_windows(0)) for r in (0, 1))
+    assert len(w0) == len(w1) == 4
+    assert (w0[-1].n_samples, w0[-1].weight, w0[-1].placeholder) == (1, 2.0, False)  # 2 processes / 1 sample
+    assert (w1[-1].n_samples, w1[-1].weight, w1[-1].placeholder, len(w1[-1])) == (0, 0.0, True, 1)
+    assert w0[0].weight == 2 / 32 and sum(w.n_samples for w in w0 + w1) == 97
+    batches = [[x for x, _ in w] for w in data(97, 2, 1, 16).train_windows(0)]
+    assert [[len(x) for x in b] for b in batches] == [[16], [16], [16], [1]]  # last: one real sample, weight 0
 
 
 def test_augment_is_refused_where_it_cannot_apply():

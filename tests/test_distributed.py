@@ -141,8 +141,8 @@ def test_precision_from_launch_config_unless_the_flag_overrides(monkeypatch):
     from disttrain.errors import UsageError
 
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` exports from its config
-    assert resolve_precision(Config()) == "bf16"
-    assert resolve_precision(Config(mixed_precision="no")) == "no"
+    assert resolve_precision(Config()) == ("bf16", "the launch config")
+    assert resolve_precision(Config(mixed_precision="no")) == ("no", "--mixed-precision")
     if not torch.cuda.is_available():
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
         with pytest.raises(UsageError, match="fp16 needs a GPU"):

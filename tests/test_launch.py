@@ -73,7 +73,7 @@ def test_output_dir_resolved_once(monkeypatch, tmp_path):
     monkeypatch.setattr(launch.subprocess, "Popen", FakeChild)
     assert launch.main(["--num_processes", "2", "--", *SYNTH]) == 0
     cmd = seen["cmd"]
-    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--num_processes"]
+    assert cmd[1:4] == ["-m", "disttrain.recovery", "--num_processes"]  # accelerate launch, in the agent shim
     i = cmd.index("disttrain.train")
     assert cmd[i + 1:i + 1 + len(SYNTH)] == SYNTH
     out = cmd[cmd.index("--output-dir") + 1]

@@ -1,6 +1,6 @@
 """The run directory and its checkpoints: the only module that knows the on-disk layout.
 
-    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock
+    <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
                                        rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
     <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000R-model-00001-of-00001.safetensors
@@ -27,6 +27,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import struct
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from disttrain import safe_io
 from disttrain.errors import TrainingError, UsageError, one_line
 
 FORMAT = "disttrain-checkpoint"
@@ -44,7 +46,16 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 REQUIRED = ("state.json", "model.json")  # and model.safetensors, or shards/ for a sharded checkpoint
 SHARDS = "shards"  # key of the per-rank shards in `files`/`load_checkpoint`, and their directory
 SHARDING_JSON = "sharding.json"  # beside shards/: {"tied": {name: name stored in its place}}
-MAX_JSON_BYTES = 64 << 20
+MAX_JSON_BYTES = safe_io.MAX_JSON
+MAX_MANIFEST_BYTES = safe_io.MAX_SMALL
+
+
+MARKER = ".disttrain-run"  # written first into every run directory: what --overwrite may remove is ours
+TOP_FILES = ("config.yaml", "metrics.jsonl", "model.safetensors", "model.json", "summary.json", "status.json",
+             ".lock", MARKER, ".progress")
+TOP_DIRS = ("checkpoints", "tensorboard", "plots")
+OURS_IN_CHECKPOINTS = re.compile(r"^(step_\d{8}|best|\.(tmp|old)-(step_\d{8}|best))$")
+TEMP_NAME = re.compile(r"^\.[A-Za-z0-9_.-]+\.tmp\d*$")  # write_atomic's and metrics' temporary files
 
 
 class RunDir:
@@ -59,40 +70,105 @@ class RunDir:
         self.model_meta = self.path / "model.json"
         self.summary = self.path / "summary.json"
         self.status = self.path / "status.json"
+        self.progress = self.path / ".progress"  # the last finished step (recovery.Progress)
         self.best = self.checkpoints / "best"
         self.tensorboard = self.path / "tensorboard"
+        self.marker = self.path / MARKER
         self._lock_fd: int | None = None
+        self._created_dirs: list[Path] = []  # by lock(): abandon() removes them (and the lock file) again
+        self._created_lock = False
 
     def step_dir(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}"
 
     def step_dirs(self) -> list[Path]:
-        """Complete-by-name checkpoints, newest first."""
-        if not self.checkpoints.is_dir():
+        """Complete-by-name checkpoints, newest first (never through a link)."""
+        if not safe_io.check_entry(self.checkpoints, "dir"):
             return []
-        found = [p for p in self.checkpoints.iterdir() if STEP_RE.match(p.name) and p.is_dir()]
+        found = [p for p in self.checkpoints.iterdir() if STEP_RE.match(p.name) and safe_io.check_entry(p, "dir")]
         return sorted(found, key=lambda p: p.name, reverse=True)
 
     def has_history(self) -> bool:
         return self.metrics.exists() or bool(self.step_dirs()) or self.model.exists()
 
+    def check_layout(self) -> None:
+        """UsageError if any entry disttrain writes, deletes or reads is a link or of the wrong kind (a
+        `checkpoints` link would make start-up delete in its target, a `.metrics.jsonl.tmp` link would
+        receive the metrics): checked before anything is read or written."""
+        if not safe_io.check_entry(self.path, "dir"):
+            return
+        for name in TOP_FILES:
+            safe_io.check_entry(self.path / name, "file")
+        for name in TOP_DIRS:
+            safe_io.check_entry(self.path / name, "dir")
+        for p in self.path.iterdir():
+            if TEMP_NAME.match(p.name) or p.name.startswith(".disttrain-trash"):
+                safe_io.check_entry(p, "file" if TEMP_NAME.match(p.name) else "dir")
+        if safe_io.check_entry(self.checkpoints, "dir"):
+            for p in self.checkpoints.iterdir():
+                if OURS_IN_CHECKPOINTS.match(p.name):
+                    safe_io.check_entry(p, "dir")
+
+    def entries(self) -> list[str]:
+        """Names in the directory other than the lock (empty if it does not exist)."""
+        if not safe_io.check_entry(self.path, "dir"):
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
+
+    def is_run(self) -> bool:
+        """Written by disttrain: the marker, or (runs from before the marker) history of a run."""
+        return self.marker.exists() or self.has_history()
+
+    def mark(self) -> None:
+        """The run-identity marker: written once, before anything else of the run."""
+        if not safe_io.check_entry(self.marker, "file"):
+            safe_io.write_json(self.marker, {"format": "disttrain-run", "version": 1, "created": time.time(),
+                                             "host": socket.gethostname()})
+
     def lock(self, wait_s: float = 5.0) -> None:
         """Hold an exclusive flock for the life of this process. The kernel drops it when the process dies
-        (even by kill -9), so a stale lock is simply taken over."""
+        (even by kill -9), so a stale lock is simply taken over. Taken before anything about the directory
+        is decided, so of two runs started together the second sees what the first wrote; writes nothing
+        into an existing lock file (claim() does, once the run is accepted). Creates the directory and the
+        lock file if needed; abandon() removes them again when the run is refused."""
+        self._created_dirs = [d for d in (self.path, *self.path.parents) if not (d.exists() or d.is_symlink())]
         self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        safe_io.check_entry(self.path, "dir")
+        self._created_lock = not safe_io.check_entry(self.path / ".lock", "file")
+        fd = safe_io.open_regular(self.path / ".lock", os.O_RDWR | os.O_CREAT)
         self._flock(fd, fcntl.LOCK_EX, wait_s)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._lock_fd = fd
+
+    def claim(self) -> None:
+        """The run is accepted (main process, lock held): name the holder in the lock and mark the
+        directory as a disttrain run before anything else is written."""
+        assert self._lock_fd is not None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._created_dirs, self._created_lock = [], False
+        self.mark()
+
+    def abandon(self) -> None:
+        """Undo lock() of a run refused before it wrote anything: remove the lock file if this process
+        created it, and the directory if it created that too and nothing else is there; release the lock."""
+        if self._lock_fd is None:
+            return
+        try:
+            if self._created_lock:
+                os.unlink(self.path / ".lock")
+                for d in self._created_dirs:  # deepest first; stops at the first one not empty
+                    d.rmdir()
+        except OSError:
+            pass
+        self.unlock()
 
     def wait_unlocked(self, wait_s: float = 5.0) -> None:
         """Wait, writing nothing, until no live run holds the directory. Needed before reading checkpoints:
         workers orphaned by a killed launcher may still be saving for up to a second
         (distributed.start_parent_watchdog), and a resume must not read a checkpoint they are pruning."""
-        if not (self.path / ".lock").is_file():
+        if not safe_io.check_entry(self.path / ".lock", "file"):
             return
-        fd = os.open(self.path / ".lock", os.O_RDONLY)
+        fd = safe_io.open_regular(self.path / ".lock")
         self._flock(fd, fcntl.LOCK_SH, wait_s)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
@@ -120,51 +196,100 @@ class RunDir:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def foreign_entries(self) -> list[str]:
+        """What --overwrite would have to delete but disttrain did not write (by name)."""
+        bad = [n for n in self.entries() if n not in TOP_FILES + TOP_DIRS and not TEMP_NAME.match(n)]
+        if safe_io.check_entry(self.checkpoints, "dir"):
+            bad += [f"checkpoints/{p.name}" for p in self.checkpoints.iterdir() if not OURS_IN_CHECKPOINTS.match(p.name)]
+        if safe_io.check_entry(self.tensorboard, "dir"):
+            bad += [f"tensorboard/{p.relative_to(self.tensorboard)}" for p in self.tensorboard.rglob("*")
+                    if not (p.is_dir() and not p.is_symlink()) and not p.name.startswith("events.out.tfevents.")]
+        plots = self.path / "plots"
+        if safe_io.check_entry(plots, "dir"):
+            bad += [f"plots/{p.name}" for p in plots.iterdir() if not (p.suffix == ".png" and p.is_file()
+                                                                      and not p.is_symlink())]
+        return sorted(bad)
+
     def clear(self) -> None:
-        """--overwrite: remove a previous run's outputs (never anything else in the directory)."""
-        for p in (self.metrics, self.model, self.model_meta, self.summary, self.status, self.config):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(self.checkpoints, ignore_errors=True)
-        shutil.rmtree(self.tensorboard, ignore_errors=True)
+        """--overwrite: remove a previous run's outputs, only those (by name: see foreign_entries), and all
+        or nothing: everything is first renamed into a trash folder inside the run (renames within one
+        file system), renamed back if one rename fails (a read-only checkpoints/), then deleted."""
+        where = self.path.resolve()
+        if where == Path(where.anchor) or where == Path.home().resolve():
+            raise UsageError(f"--overwrite --output-dir {self.path}: refusing a file-system root or the home directory")
+        foreign = self.foreign_entries()
+        if foreign:
+            raise UsageError(f"--overwrite: {self.path} holds files disttrain did not write "
+                             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); move them away or "
+                             "choose another --output-dir")
+        trash = self.path / f".disttrain-trash-{os.getpid()}"
+        victims = [self.path / n for n in self.entries() if n not in (MARKER,) and not n.startswith(".disttrain-trash")]
+        if not victims:
+            return
+        trash.mkdir()
+        moved: list[Path] = []
+        try:
+            for v in victims:
+                os.rename(v, trash / v.name)
+                moved.append(v)
+        except OSError as e:
+            for v in reversed(moved):
+                os.rename(trash / v.name, v)
+            trash.rmdir()
+            raise UsageError(f"--overwrite: cannot remove {v} ({e.strerror}); nothing was removed") from None
+        shutil.rmtree(trash, ignore_errors=True)
+        safe_io.fsync_dir(self.path)
 
 
 # --------------------------------------------------------------------------- small file helpers
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    safe_io.fsync_dir(path)
+
+
+def umask() -> int:
+    """The process umask, read without changing it (Linux /proc; elsewhere set and restored at once)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file the mode a plain open() would have (0666 minus the umask): safetensors writes 0600."""
+    os.chmod(path, 0o666 & ~umask())
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Write, fsync, rename (safe_io.write_atomic: never through a link)."""
+    safe_io.write_atomic(path, data)
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+    safe_io.write_json(path, obj)
 
 
-def read_json(path: Path) -> Any:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"{path.name} is implausibly large")
-    return json.loads(path.read_text())
+def read_json(path: Path, limit: int = MAX_JSON_BYTES) -> Any:
+    """A regular file (no link, no FIFO), at most `limit` bytes, nested at most safe_io.MAX_DEPTH."""
+    return safe_io.read_json(path, limit)
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, limit: int | None = None) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = safe_io.open_regular(path)
+    with os.fdopen(fd, "rb") as f:
+        n = 0
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+            n += len(chunk)
+            if limit is not None and n > limit:
+                raise ValueError(f"{path}: larger than the manifest says")
     return h.hexdigest()
 
 
@@ -214,6 +339,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     if aliases:
         meta[SHARED_KEY] = json.dumps(aliases, sort_keys=True)
     save_file({k: v.to("cpu").contiguous() for k, v in kept.items()}, str(path), metadata=meta or None)
+    apply_umask(path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -224,6 +350,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    os.close(safe_io.open_regular(path))  # never a link nor a FIFO
     sd = load_file(str(path))
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -234,6 +361,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         for name, kept in aliases.items():
             sd.setdefault(name, sd[kept])
     return sd
+
+
+def _remove(p: Path) -> None:
+    """Remove one entry of ours without following links: a link is unlinked, a directory removed."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(p, ignore_errors=True)  # (rmtree never follows links inside)
+    else:
+        os.unlink(p)
 
 
 # --------------------------------------------------------------------------- state kinds
@@ -329,6 +468,16 @@ def _fault(point: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+def _errno_text(e: BaseException, where: Path) -> str:
+    """'[Errno 28] ENOSPC: No space left on device (path)' from an OSError, a SafetensorError or DCP's
+    CheckpointException."""
+    if isinstance(e, OSError):
+        return f"[Errno {e.errno}] {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror} ({e.filename or where})"
+    m = re.search(r"(?:code: |os error |Errno )(\d+)", str(e))
+    code = int(m.group(1)) if m else 0
+    return f"[Errno {code}] {errno.errorcode.get(code, '?')}: {os.strerror(code) if code else one_line(e)[:300]}"
+
+
 def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int, *, main: bool = True,
                     agree: Callable[[bool], bool] | None = None) -> Path:
     """Write one checkpoint atomically. `files` maps a file name to a dict of tensors (-> .safetensors) or a
@@ -365,15 +514,9 @@ def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: in
         return _finish_checkpoint(run, step, tmp, {k: v for k, v in files.items() if k != SHARDS}, keep_last)
     except (OSError, SafetensorError, _checkpoint_exception()) as e:
         if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            what = f"[Errno {e.errno}] {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror} ({e.filename or run.checkpoints})"
-        else:
-            m = re.search(r"(?:code: |os error |Errno )(\d+)", str(e))
-            code = int(m.group(1)) if m else 0
-            what = f"[Errno {code}] {errno.errorcode.get(code, '?')}: {os.strerror(code) if code else one_line(e)[:300]}"
-        raise TrainingError(f"cannot write checkpoint {run.step_dir(step)}: {what}; the previous checkpoint is "
-                            "kept and the partial one removed") from None
+            _remove_quiet(tmp)
+        raise TrainingError(f"cannot write checkpoint {run.step_dir(step)}: {_errno_text(e, run.checkpoints)}; the "
+                            "previous checkpoint is kept and the partial one removed") from None
 
 
 def _checkpoint_exception() -> type[BaseException]:
@@ -391,8 +534,9 @@ def _save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: i
 
 
 def _start_tmp(run: RunDir, tmp: Path, step: int) -> None:
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier left it; it was never valid
+    if not safe_io.check_entry(run.checkpoints, "dir"):
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)  # a save killed earlier left it; it was never valid
     tmp.mkdir()
     _fault("started", step)
 
@@ -414,10 +558,13 @@ def _save_shards(folder: Path, shards: dict[str, torch.Tensor]) -> None:
 def _finish_checkpoint(run: RunDir, step: int, tmp: Path, files: dict[str, Any], keep_last: int) -> Path:
     final = run.step_dir(step)
     manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "files": {}}
-    if (tmp / SHARDS).is_dir():
+    if safe_io.check_entry(tmp / SHARDS, "dir"):
         for path in sorted((tmp / SHARDS).iterdir()):
-            with open(path, "rb+") as f:  # (DCP fsyncs too; this makes it the main process's guarantee)
-                os.fsync(f.fileno())
+            fd = safe_io.open_regular(path)  # (DCP fsyncs too; this makes it the main process's guarantee)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             manifest["files"][f"{SHARDS}/{path.name}"] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
         _fsync_dir(tmp / SHARDS)
     for name, content in files.items():
@@ -437,54 +584,65 @@ def _finish_checkpoint(run: RunDir, step: int, tmp: Path, files: dict[str, Any],
         os.fsync(f.fileno())
     _fsync_dir(tmp)
     _fault("before-rename", step)
-    if final.exists():  # the same step saved by an earlier attempt: replace it, never leave none
+    if safe_io.check_entry(final, "dir"):  # the same step saved by an earlier attempt: replace it, never leave none
         old = run.checkpoints / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         os.rename(final, old)
         os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.rename(tmp, final)
     _fsync_dir(run.checkpoints)
     _fault("after-rename", step)
     for old in run.step_dirs()[keep_last:]:
         if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_quiet(old)
     return final
+
+
+def _remove_quiet(p: Path) -> None:
+    try:
+        _remove(p)
+    except OSError:
+        pass
 
 
 def save_best(run: RunDir, ckpt: Path, info: dict[str, Any]) -> None:
     """checkpoints/best/: hard links to the files of `ckpt` (never modified in place) + best.json."""
     tmp = run.checkpoints / ".tmp-best"
-    shutil.rmtree(tmp, ignore_errors=True)
+    _remove(tmp)
     shutil.copytree(ckpt, tmp, copy_function=os.link)
     write_json(tmp / "best.json", info)
     old = run.checkpoints / ".old-best"
-    shutil.rmtree(old, ignore_errors=True)
-    if run.best.exists():
+    _remove(old)
+    if safe_io.check_entry(run.best, "dir"):
         os.rename(run.best, old)
     os.rename(tmp, run.best)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
     _fsync_dir(run.checkpoints)
 
 
 def clean_partial(run: RunDir) -> None:
-    """Remove temporary directories of saves that were killed (main process, at start)."""
-    if run.checkpoints.is_dir():
+    """Remove temporary directories of saves that were killed (main process, at start). Inside a real
+    checkpoints/ folder only, and a link there is removed itself, never followed."""
+    if safe_io.check_entry(run.checkpoints, "dir"):
         for p in run.checkpoints.iterdir():
             if p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+                _remove_quiet(p)
 
 
 # --------------------------------------------------------------------------- verify and load
 
 
 def verify(path: Path) -> str | None:
-    """None if `path` is a complete, untampered checkpoint, else why not (one line)."""
+    """None if `path` is a complete, untampered checkpoint, else why not (one line). Reads only regular
+    files, the manifest at most safe_io.MAX_SMALL bytes, each file no further than its listed size."""
     mf = path / "manifest.json"
     try:
-        manifest = read_json(mf)
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        if not safe_io.check_entry(path, "dir"):
+            return f"{path}: missing"
+        manifest = read_json(mf, MAX_MANIFEST_BYTES)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             return f"{mf}: not a disttrain checkpoint manifest"
         listed = manifest["files"]
         for name in REQUIRED:
@@ -493,7 +651,7 @@ def verify(path: Path) -> str | None:
         shards = [n for n in listed if n.startswith(f"{SHARDS}/")]
         if "model.safetensors" not in listed and not shards:
             return f"{mf}: does not list model.safetensors"
-        if shards and (path / SHARDS).is_dir():  # DCP's reader reads every file there: no stowaways
+        if shards and safe_io.check_entry(path / SHARDS, "dir"):  # (never a link) DCP's reader reads every file there: no stowaways
             extra = sorted(p.name for p in (path / SHARDS).iterdir() if f"{SHARDS}/{p.name}" not in listed)
             if extra:
                 return f"{path / SHARDS}: files not in the manifest: {extra[:3]}"
@@ -501,26 +659,30 @@ def verify(path: Path) -> str | None:
             base = name[len(SHARDS) + 1:] if name.startswith(f"{SHARDS}/") else name
             if not SAFE_NAME.match(base) or "/" in base or base in (".", ".."):
                 return f"{mf}: refuses file name {name!r} (outside the checkpoint)"
+            if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and info["bytes"] >= 0
+                    and isinstance(info.get("sha256"), str)):
+                return f"{mf}: malformed entry for {name}"
             f = path / name
-            if not f.is_file() or f.is_symlink():
+            if not safe_io.check_entry(f, "file"):
                 return f"{f}: missing"
-            if f.stat().st_size != info["bytes"]:
-                return f"{f}: truncated or changed ({f.stat().st_size} bytes, manifest says {info['bytes']})"
-            if _sha256(f) != info["sha256"]:
+            size = os.lstat(f).st_size
+            if size != info["bytes"]:
+                return f"{f}: truncated or changed ({size} bytes, manifest says {info['bytes']})"
+            if _sha256(f, info["bytes"]) != info["sha256"]:
                 return f"{f}: checksum mismatch (corrupted or tampered)"
     except FileNotFoundError:
         return f"{mf}: missing (incomplete checkpoint)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return f"{mf}: unreadable ({one_line(e)})"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # (safe_io.UnsafeInput is a ValueError)
+        return f"{mf}: unreadable ({one_line(e)[:300]})"
     return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory from a checkpoint dir, a run dir (newest valid), or its manifest."""
     p = Path(path)
-    if p.is_file() and p.name == "manifest.json":
+    if p.name == "manifest.json" and safe_io.check_entry(p, "file"):
         p = p.parent
-    if (p / "manifest.json").exists():
+    if (p / "manifest.json").exists() or (p / "manifest.json").is_symlink():
         return p
     run = RunDir(p)
     if run.step_dirs():
@@ -531,35 +693,80 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise UsageError(f"--resume {path}: not a checkpoint directory (no manifest.json)")
 
 
+def run_dir_of(path: str | Path) -> tuple[Path | None, Path | None]:
+    """For a --resume PATH: (the run directory that holds it or None for a loose checkpoint, the checkpoint
+    directory or None when PATH is a run directory). Nothing is verified here (load_checkpoint does)."""
+    p = Path(path)
+    if p.is_file() and p.name == "manifest.json":
+        p = p.parent
+    if (p / "manifest.json").exists():
+        run = p.parent.parent if p.parent.name == "checkpoints" else None
+        return (run if run is not None and (run / "checkpoints").is_dir() else None), p
+    return p, None
+
+
+def saved_run_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was saved with (its state.json), or None if unreadable."""
+    try:
+        cfg = read_json(checkpoint / "state.json").get("config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def find_latest(run: RunDir) -> tuple[Path | None, list[str]]:
-    """Newest checkpoint that verifies, and the reasons the newer ones were skipped."""
+    """Newest checkpoint that verifies and whose contents fit the schema, and why newer ones were skipped."""
     bad = []
     for d in run.step_dirs():
         why = verify(d)
+        if why is None:
+            try:
+                load_checkpoint(d, weights=False)
+            except UsageError as e:
+                why = one_line(e).removeprefix("checkpoint ")
         if why is None:
             return d, bad
         bad.append(why)
     return None, bad
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Verify and read a checkpoint: tensors via safetensors, the rest via JSON. UsageError if bad."""
+def _pickle_hint(f: Path) -> str:
+    """A note when the file is a pickle (protocol 2+ starts with 0x80): say code was refused, not just bytes."""
+    try:
+        with open(safe_io.open_regular(f), "rb") as fh:
+            head = fh.read(2)
+    except (OSError, ValueError):
+        return ""
+    return "; it is a pickle, and disttrain never unpickles: refused to run code from it" if head[:1] == b"\x80" else ""
+
+
+def load_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
+    """Verify, read and schema-check a checkpoint: tensors via safetensors, the rest via bounded JSON.
+    UsageError if bad (nothing of it is used before every file passed). weights=False skips the model
+    and optimizer tensors (a quick check of everything else)."""
+    from disttrain import schema
+
     why = verify(path)
     if why is not None:
         raise UsageError(f"checkpoint {why}")
     f = path / "manifest.json"
     try:
         out: dict[str, Any] = {}
-        for name in read_json(path / "manifest.json")["files"]:
+        for name in read_json(path / "manifest.json", MAX_MANIFEST_BYTES)["files"]:
             f = path / name
             if name.startswith(f"{SHARDS}/"):  # read by load_shards / read_shards_full, which reshard
                 out[SHARDS] = path / SHARDS
                 continue
-            out[name] = load_tensors(f) if name.endswith(".safetensors") else read_json(f)
-        return out
+            if not weights and name in ("model.safetensors", "optimizer.safetensors"):
+                continue
+            limit = MAX_MANIFEST_BYTES if name == "model.json" else MAX_JSON_BYTES
+            out[name] = load_tensors(f) if name.endswith(".safetensors") else read_json(f, limit)
     except Exception as e:  # noqa: BLE001 - verified but still unreadable: report, never load garbage
         kind = "safetensors" if f.name.endswith(".safetensors") else "JSON"
-        raise UsageError(f"checkpoint {f}: unreadable, expected {kind} ({type(e).__name__}: {one_line(e)[:200]})") from None
+        raise UsageError(f"checkpoint {f}: unreadable, expected {kind}{_pickle_hint(f)} "
+                         f"({type(e).__name__}: {one_line(e)[:200]})") from None
+    schema.check_checkpoint(out, path)
+    return out
 
 
 def with_tied(sd: dict[str, torch.Tensor], saved: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -612,21 +819,33 @@ def read_shards_full(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Final weights (unwrapped state_dict, keys unchanged) + what rebuilds the model, atomically."""
+    """Final weights (unwrapped state_dict, keys unchanged) + what rebuilds the model, atomically.
+    TrainingError (one line, with the errno) when the disk is full or the directory unwritable."""
+    from safetensors import SafetensorError
+
     tmp = run.path / f".model.safetensors.tmp{os.getpid()}"
-    save_tensors(tmp, state_dict, {"format": "pt", "disttrain": json.dumps({"model": meta.get("model")})})
-    write_json(run.model_meta, meta)
-    os.replace(tmp, run.model)
-    _fsync_dir(run.path)
+    try:
+        safe_io.check_entry(run.model, "file")
+        _remove(tmp)
+        save_tensors(tmp, state_dict, {"format": "pt", "disttrain": json.dumps({"model": meta.get("model")})})
+        write_json(run.model_meta, meta)
+        os.replace(tmp, run.model)
+        _fsync_dir(run.path)
+    except (OSError, SafetensorError) as e:
+        _remove_quiet(tmp)
+        raise TrainingError(f"cannot export the final model {run.model}: {_errno_text(e, run.path)}; the "
+                            "checkpoints are kept (resume with --resume auto once there is room)") from None
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
     """Weights from a model.safetensors, a run directory, or a checkpoint directory; plus model.json
-    when one is beside them, and the directory they came from. UsageError when unreadable."""
+    when one is beside them (schema-checked), and the directory they came from. UsageError when unreadable."""
     from safetensors import SafetensorError
 
+    from disttrain import schema
+
     p = Path(path)
-    if p.is_dir() and (p / "manifest.json").exists():
+    if p.is_dir() and ((p / "manifest.json").exists() or (p / "manifest.json").is_symlink()):
         data = load_checkpoint(p)
         if is_sharded(data):
             full = read_shards_full(data)
@@ -635,14 +854,17 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return data["model.safetensors"], data["model.json"], p
     if p.is_dir():
         p = p / "model.safetensors"
-    if not p.is_file():
+    if not (p.exists() or p.is_symlink()):
         raise UsageError(f"{path}: no model.safetensors or checkpoint there")
     try:
         sd = load_tensors(p)
     except (SafetensorError, OSError, ValueError) as e:
-        raise UsageError(f"{p}: not a readable safetensors file ({one_line(e)})") from None
+        raise UsageError(f"{p}: not a readable safetensors file{_pickle_hint(p)} ({one_line(e)[:200]})") from None
     meta_path = p.parent / "model.json"
-    meta = read_json(meta_path) if meta_path.is_file() else None
+    meta = None
+    if meta_path.exists() or meta_path.is_symlink():
+        meta = read_json(meta_path, MAX_MANIFEST_BYTES)
+        schema.check_model_meta(meta, str(meta_path))
     return sd, meta, p.parent
 
 

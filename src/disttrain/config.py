@@ -27,20 +27,31 @@ MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18")
 LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "onecycle", "step")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("no", "bf16", "fp16", "auto")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
 SHARDINGS = ("auto", "none", "fsdp")
+MAX_KWARGS_BYTES = 64 << 10  # one *-kwargs value as JSON (saved in config.yaml and every state.json)
+MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds (datetime.timedelta overflows near 1e14)
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# --dataset PREFIX:PATH reads the user's own files (data/images.py, tables.py, hf.py); these prefixes are
+# taken before plug-ins, so a plug-in module cannot be named like one of them
+FILE_DATASETS = ("imagefolder:", "csv:", "parquet:", "hf:")
+TASKS = ("auto", "classification", "regression")
 
 # Keys a resume may change: run length, cadence, logging and where things live.
 RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce", "sharding", "fsdp_reshard_after_forward",
+    "shm_allreduce", "find_unused_parameters", "save_every_minutes", "sharding", "fsdp_reshard_after_forward",
 })
+
+
+def is_plugin(value: str) -> bool:
+    """`module:function` (user code), as opposed to a built-in name or a PREFIX:PATH of the user's files."""
+    return bool(PLUGIN_RE.match(value)) and not value.startswith(FILE_DATASETS)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -57,18 +68,28 @@ class Config:
 
     config: str | None = _f(None, "YAML file of the same keys (snake_case)")
     # data
-    dataset: str = _f("fashion_mnist", f"built-in {DATASETS} or module:function")
+    dataset: str = _f("fashion_mnist", f"built-in {', '.join(DATASETS)}; your files: "
+                                       "imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH; or module:function")
     dataset_kwargs: dict = _f({}, "JSON object of keyword arguments for the dataset factory")
     data_dir: str = _f("./data", "where datasets live")
     val_fraction: float = _f(0.0, "deterministic hold-out of the training set for validation")
     augment: str = _f("none", "batch-wise augmentation for image datasets", choices=AUGMENTS)
     num_workers: int | None = _f(None, "DataLoader workers for non-tensor datasets (auto)")
+    image_size: str | None = _f(None, "imagefolder/hf images: resize to N or HxW pixels (default: the first "
+                                      "training image's size)")
+    target: str | None = _f(None, "csv/parquet/hf: the column to predict (hf default: label)")
+    features: str | None = _f(None, "csv/parquet/hf: comma-separated input columns (default: all but the target)")
+    task: str = _f("auto", "csv/parquet/hf: classification or regression (auto: from the target column)",
+                   choices=TASKS)
     # model
     model: str = _f("cnn", f"built-in {MODELS} or module:function")
     model_kwargs: dict = _f({}, "JSON object of keyword arguments for the model factory")
     sync_batchnorm: bool = _f(False, "SyncBatchNorm across processes")
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(True, "channels_last memory format for conv nets on 4-D inputs")
+    find_unused_parameters: bool = _f(False, "DDP looks for parameters without a gradient every step (auto when "
+                                             "the pre-flight batch leaves some unused; force it for a model "
+                                             "that skips parameters only on some steps)")
     # objective and optimizer
     loss: str | None = _f(None, "loss (default: cross_entropy for classification, mse otherwise)",
                           choices=LOSSES)
@@ -89,9 +110,10 @@ class Config:
     batch_size: int = _f(64, "per-process batch size")
     eval_batch_size: int = _f(256, "per-process evaluation batch size")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
-    mixed_precision: str | None = _f(None, "no/bf16/fp16 (default: the launch config's, else no)",
+    mixed_precision: str | None = _f(None, "no/bf16/fp16/auto (auto: bf16 where the device computes it "
+                                     "natively, fp16 on older GPUs, else no; default: the launch config's, else no)",
                                      choices=PRECISIONS)
-    seed: int = _f(0, "seeds everything, and the DistributedSampler")
+    seed: int = _f(0, "seeds everything: weights, epoch order, per-rank streams, dataset reads")
     # outputs, checkpoints, resume
     output_dir: str | None = _f(None, "run directory (default runs/<dataset>-<model>-<timestamp>)")
     save_every_steps: int = _f(0, "checkpoint every N optimizer steps (0: epoch ends only)")
@@ -100,6 +122,8 @@ class Config:
     overwrite: bool = _f(False, "start fresh in a run directory that has checkpoints or metrics")
     init_from: str | None = _f(None, "start from these weights; fresh optimizer and step count")
     allow_batch_change: bool = _f(False, "allow a resume whose global batch differs")
+    save_every_minutes: float = _f(5.0, "also checkpoint when this many minutes passed since the last "
+                                        "checkpoint, bounding the work a crash loses (0: off)")
     # logging
     log_every: int = _f(50, "step-log cadence in optimizer steps")
     progress: bool = _f(True, "tqdm progress bar on the main process (terminals only)")
@@ -142,6 +166,10 @@ def convert(name: str, value: Any, source: str) -> Any:
     """Convert a YAML or flag value to the field's type, or raise UsageError naming it."""
     tp, optional = _base_type(name)
     flag = f"--{name.replace('_', '-')}" if source == "flag" else f"{name!r} in {source}"
+    if source != "flag" and isinstance(value, str) and tp in (int, float, bool) and \
+            not (optional and value.lower() in ("none", "null")):
+        kind = {int: "an integer", float: "a number", bool: "true or false"}[tp]
+        raise UsageError(f"{flag} must be {kind}, got the string {value!r} (YAML: write the value without quotes)")
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -156,16 +184,19 @@ def convert(name: str, value: Any, source: str) -> Any:
         if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
             raise UsageError(f"{flag} must be an integer, got {value!r}")
         try:
-            return int(value) if not isinstance(value, str) else int(value.strip(), 10)
+            out = int(value) if not isinstance(value, str) else int(value.strip(), 10)
         except (TypeError, ValueError, OverflowError):
-            raise UsageError(f"{flag} must be an integer, got {value!r}") from None
+            raise UsageError(f"{flag} must be an integer, got {_short(value)}") from None
+        if abs(out) >= 10**30:  # (each field's own range is checked in validate())
+            raise UsageError(f"{flag} must be an integer below 10**30, got {_short(value)}")
+        return out
     if tp is float:
         if isinstance(value, bool):
             raise UsageError(f"{flag} must be a number, got {value!r}")
         try:
             out = float(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{flag} must be a number, got {value!r}") from None
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"{flag} must be a number, got {_short(value)}") from None
         if not math.isfinite(out):
             raise UsageError(f"{flag} must be a finite number, got {value!r}")
         return out
@@ -176,8 +207,8 @@ def convert(name: str, value: Any, source: str) -> Any:
             except json.JSONDecodeError as e:
                 raise UsageError(f"{flag} must be a JSON object, got {value!r} ({e.msg})") from None
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise UsageError(f"{flag} must be a JSON object / mapping, got {value!r}")
-        return value
+            raise UsageError(f"{flag} must be a JSON object / mapping, got {_short(value)}")
+        return _bounded_kwargs(value, flag)
     if tp is str:
         if isinstance(value, (dict, list, bool)):
             raise UsageError(f"{flag} must be a string, got {value!r}")
@@ -185,49 +216,116 @@ def convert(name: str, value: Any, source: str) -> Any:
     raise AssertionError(f"unhandled type {tp} for {name}")
 
 
+def _short(value: Any, n: int = 60) -> str:
+    """repr(value), cut to n characters (a 5,000-digit number must not become the whole error line)."""
+    r = repr(value)
+    if len(r) <= n:
+        return r
+    return f"a {type(value).__name__}" if isinstance(value, (dict, list)) else f"{r[:n]}... ({len(r)} characters)"
+
+
+def _bounded_kwargs(value: dict, flag: str) -> dict:
+    """A *-kwargs mapping as a plain JSON tree within the caps a checkpoint reader applies: aliased YAML
+    values are copied out (no sharing), and at most safe_io.MAX_CONFIG_NODES values / MAX_KWARGS_BYTES."""
+    from disttrain.safe_io import MAX_CONFIG_NODES, MAX_DEPTH, check_tree
+
+    check_tree(value, flag, MAX_DEPTH - 4, MAX_CONFIG_NODES)  # (a checkpoint nests the config 2 levels down)
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{flag} must hold JSON values only ({one_line(e)[:100]})") from None
+    if len(text) > MAX_KWARGS_BYTES:
+        raise UsageError(f"{flag} is {len(text):,} bytes of JSON, more than the {MAX_KWARGS_BYTES:,} allowed")
+    return json.loads(text)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:  # argparse prints usage + exits; we want one line
-        if message.startswith(("unrecognized arguments", "argument ")):
+        if message.startswith("unrecognized arguments"):
+            known = [o[2:].replace("-", "_") for o in self._option_string_actions if o.startswith("--")]
+            hints = [f"{a} (did you mean --{m.replace('_', '-')}?)" for a in message.split(":", 1)[1].split()
+                     if a.startswith("--") and (m := suggest(a.split("=", 1)[0], known))]
+            message += ("; " + ", ".join(hints) if hints else "") + "; see --help for the flags and what they take"
+        elif message.startswith("argument "):
             message += "; see --help for the flags and what they take"
         raise UsageError(message)
 
 
 def build_parser(prog: str = "python -m disttrain.train") -> argparse.ArgumentParser:
     """Flags generated from the dataclass; defaults suppressed so only given flags override YAML."""
-    p = _Parser(prog=prog, description="disttrain: the plain PyTorch loop, distributed.",
+    p = _Parser(prog=prog, usage="%(prog)s [--config FILE.yaml] [FLAGS]",
+                description="disttrain: the plain PyTorch loop, distributed. Every flag is also a key of the "
+                            "--config YAML file (snake_case); flags win over the file.",
                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, f in FIELDS.items():
         tp, _ = _base_type(name)
         flag = "--" + name.replace("_", "-")
-        help = f.metadata["help"] + f" (default: {f.default if f.default is not dataclasses.MISSING else '{}'})"
+        help, choices = f.metadata["help"], f.metadata.get("choices")
+        default = {} if f.default is dataclasses.MISSING else f.default
+        if "default" not in help and default is not None:  # (a help text that explains its default says it once)
+            help += f" (default: {'on' if default is True else 'off' if default is False else default})"
         if tp is bool:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:
-            p.add_argument(flag, dest=name, metavar=name.upper(), help=help)
+            p.add_argument(flag, dest=name, metavar="{" + ",".join(choices) + "}" if choices else name.upper(),
+                           help=help)
     return p
 
 
+# Names people bring from other trainers (Hugging Face Trainer, Lightning, timm, argparse examples): a key or
+# flag that is close to one of these gets "did you mean <ours>?" (difflib alone cannot tie learnig_rate to lr)
+SYNONYMS = {
+    "learning_rate": "lr", "learningrate": "lr", "num_epochs": "epochs", "n_epochs": "epochs",
+    "num_train_epochs": "epochs", "max_epochs": "epochs", "batch": "batch_size", "bs": "batch_size",
+    "train_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation_steps": "grad_accum",
+    "accumulate_grad_batches": "grad_accum", "accumulation_steps": "grad_accum", "wd": "weight_decay",
+    "warmup": "warmup_steps", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    "gradient_clip_val": "max_grad_norm", "precision": "mixed_precision", "fp16": "mixed_precision",
+    "bf16": "mixed_precision", "workers": "num_workers", "output": "output_dir", "out_dir": "output_dir",
+    "logging_steps": "log_every", "log_interval": "log_every", "save_steps": "save_every_steps",
+    "save_total_limit": "keep_last", "resume_from_checkpoint": "resume", "val_split": "val_fraction",
+    "validation_split": "val_fraction", "label": "target", "label_column": "target", "target_column": "target",
+    "img_size": "image_size", "input_size": "image_size", "lr_scheduler": "scheduler",
+    "lr_scheduler_type": "scheduler", "optim": "optimizer", "arch": "model", "data": "dataset",
+}
+
+
+def suggest(name: str, known: list[str] | None = None) -> str | None:
+    """The key (snake_case) among `known` (default: the Config fields) that a mistyped or foreign key or
+    flag most likely means, or None."""
+    import difflib
+
+    key = str(name).lstrip("-").replace("-", "_").lower()
+    fields = known if known is not None else [f for f in FIELDS if f != "config"]
+    synonyms = {k: v for k, v in SYNONYMS.items() if v in fields}
+    if key in synonyms:
+        return synonyms[key]
+    m = difflib.get_close_matches(key, fields + list(synonyms), n=1, cutoff=0.75)
+    return synonyms.get(m[0], m[0]) if m else None
+
+
 def load_yaml(path: str) -> dict[str, Any]:
-    """Read a --config file safely (yaml.safe_load: no Python objects) as a mapping."""
-    import yaml
+    """Read a --config file safely as a mapping: plain data only, no duplicate keys, at most 1 MiB, few
+    aliases, bounded depth (safe_io.read_yaml)."""
+    from disttrain.safe_io import UnsafeInput, read_yaml
 
     p = Path(path)
-    if not p.is_file():
+    if not (p.exists() or p.is_symlink()) or (p.is_dir() and not p.is_symlink()):
         raise UsageError(f"--config {path}: {'not a file' if p.exists() else 'no such file'}; expected a YAML file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
-        raise UsageError(f"--config {path}: not valid YAML ({one_line(e)})") from None
+        data = read_yaml(p)
+    except UnsafeInput as e:
+        raise UsageError(f"--config {one_line(e)}") from None
+    except OSError as e:
+        raise UsageError(f"--config {path}: unreadable ({e.strerror})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: must be a mapping of keys to values, got {type(data).__name__}")
     unknown = [k for k in data if k not in FIELDS or k == "config"]
     if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k).replace("-", "_"),
-                 [f for f in FIELDS if f != "config"], n=1)) else str(k) for k in unknown]
+        hints = [f"{k} (did you mean {m}?)" if (m := suggest(k)) else str(k) for k in unknown]
         raise UsageError(f"--config {path}: unknown key(s) {', '.join(hints)}; keys are the flags in snake_case")
     return data
 
@@ -242,8 +340,34 @@ def parse_config(argv: list[str] | None = None, prog: str = "python -m disttrain
     for k, v in args.items():
         values[k] = convert(k, v, "flag")
     cfg = Config(**values)
+    cfg.explicit = frozenset(values)  # type: ignore[attr-defined]  # what a resume may take from the user
     validate(cfg)
     return cfg
+
+
+# never taken from a saved config on resume: they say what this invocation does
+NOT_RESUMED = frozenset({"config", "resume", "output_dir", "overwrite", "dry_run", "init_from"})
+
+
+def resumed_config(saved: dict[str, Any], cfg: Config, where: str) -> tuple[Config, list[str]]:
+    """A resume continues the saved run: `saved` (a run's config.yaml or a checkpoint's config) with only the
+    keys this invocation gave explicitly (flags, --config YAML) replaced. Returns the config and the changes
+    as "key: old -> new" (train refuses the changes a resume may not make). UsageError for a bad saved key."""
+    explicit = getattr(cfg, "explicit", None)
+    if explicit is None:  # built in code, not parsed: what differs from the defaults was given
+        default = Config()
+        explicit = {k for k in FIELDS if getattr(cfg, k) != getattr(default, k)}
+    values = {k: convert(k, v, where) for k, v in saved.items() if k in FIELDS and k not in NOT_RESUMED}
+    unknown = sorted(k for k in saved if k not in FIELDS)
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    values.update({k: getattr(cfg, k) for k in set(explicit) | NOT_RESUMED})
+    new = Config(**values)
+    new.explicit = frozenset(explicit)  # type: ignore[attr-defined]
+    validate(new)
+    changed = [f"{k}: {saved[k]!r} -> {getattr(new, k)!r}" for k in sorted(explicit)
+               if k in saved and k not in NOT_RESUMED and saved[k] != getattr(new, k)]
+    return new, changed
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -256,11 +380,14 @@ def validate(cfg: Config) -> None:
     for name in ("dataset", "model"):
         v = getattr(cfg, name)
         builtin = DATASETS if name == "dataset" else MODELS
-        _check(v in builtin or bool(PLUGIN_RE.match(v)),
-               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)} or module:function")
+        files = name == "dataset" and v.startswith(FILE_DATASETS) and len(v.partition(":")[2]) > 0
+        _check(v in builtin or files or bool(PLUGIN_RE.match(v)),
+               f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)}, "
+               f"{'imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH ' if name == 'dataset' else ''}or module:function")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
-                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("sharding", SHARDINGS)):
+                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("task", TASKS),
+                          ("sharding", SHARDINGS)):
         v = getattr(cfg, name)
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")
@@ -272,7 +399,7 @@ def validate(cfg: Config) -> None:
     for name in ("max_steps", "max_grad_norm"):
         v = getattr(cfg, name)
         _check(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}")
-    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed"):
+    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed", "save_every_minutes"):
         v = getattr(cfg, name)
         _check(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
     _check(cfg.num_workers is None or cfg.num_workers >= 0,
@@ -283,6 +410,8 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0)),
            "--nesterov needs --optimizer sgd with --momentum > 0")
     _check(cfg.seed < 2**32, f"--seed must be < 2**32, got {cfg.seed}")
+    _check(cfg.dist_timeout <= MAX_DIST_TIMEOUT, f"--dist-timeout must be at most {MAX_DIST_TIMEOUT} seconds (7 days), "
+                                                 f"got {cfg.dist_timeout}")
     _check(cfg.label_smoothing == 0 or cfg.loss in (None, "cross_entropy"),
            f"--label-smoothing {cfg.label_smoothing} needs the cross_entropy loss, got --loss {cfg.loss}")
     r = cfg.resume
@@ -290,6 +419,9 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.overwrite and r not in RESUME_WORDS),
            f"--resume {r} with --overwrite: overwrite would delete the checkpoint to resume from")
     _check(not (cfg.overwrite and r == "auto"), "--resume auto with --overwrite: choose one")
+    _check(not (r == "auto" and cfg.output_dir is None),
+           "--resume auto needs --output-dir: the run directory to continue (without it a new timestamped "
+           "directory would start a fresh run)")
     _check(not (cfg.init_from and r not in ("none",)),
            f"--init-from {cfg.init_from} with --resume {r}: a resume restores its own weights")
     _check(cfg.init_from is None or Path(cfg.init_from).exists(),
@@ -298,8 +430,31 @@ def validate(cfg: Config) -> None:
     _check(not (cfg.sync_batchnorm and cfg.compile), "--sync-batchnorm with --compile is not supported")
     _check(cfg.log_with != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
            "--log-with tensorboard: the tensorboard package is not installed; pip install 'disttrain[tensorboard]'")
+    _validate_file_dataset(cfg)
     _validate_scheduler_kwargs(cfg)
     _validate_output_dir(cfg)
+
+
+def _validate_file_dataset(cfg: Config) -> None:
+    """--image-size, --target, --features, --task belong to the datasets read from the user's files."""
+    family = cfg.dataset.partition(":")[0] + ":" if cfg.dataset.startswith(FILE_DATASETS) else ""
+    for name, families in (("image_size", ("imagefolder:", "hf:")), ("target", ("csv:", "parquet:", "hf:")),
+                           ("features", ("csv:", "parquet:", "hf:"))):
+        _check(getattr(cfg, name) is None or family in families,
+               f"--{name.replace('_', '-')} applies to --dataset {' or '.join(f + '...' for f in families)}, "
+               f"not {cfg.dataset}")
+    _check(cfg.task == "auto" or family in ("csv:", "parquet:", "hf:"),
+           f"--task applies to --dataset csv:..., parquet:... or hf:..., not {cfg.dataset}")
+    if cfg.image_size is not None:
+        from disttrain.data.images import parse_size
+
+        parse_size(cfg.image_size)
+    if cfg.features is not None:
+        cols = [c.strip() for c in cfg.features.split(",")]
+        _check(all(cols) and len(set(cols)) == len(cols),
+               f"--features {cfg.features!r}: expected distinct comma-separated column names")
+    _check(family not in ("csv:", "parquet:") or bool(cfg.target),
+           f"--dataset {cfg.dataset} needs --target COLUMN (the column to predict)")
 
 
 def _validate_scheduler_kwargs(cfg: Config) -> None:
@@ -311,6 +466,10 @@ def _validate_scheduler_kwargs(cfg: Config) -> None:
     for k, v in cfg.scheduler_kwargs.items():
         _check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
                f"--scheduler-kwargs {k}={v!r} must be a positive number")
+    if "step_size" in cfg.scheduler_kwargs:
+        v = cfg.scheduler_kwargs["step_size"]
+        _check(isinstance(v, int) or float(v).is_integer(), f"--scheduler-kwargs step_size={v!r} must be a whole "
+                                                            "number of optimizer steps (>= 1)")
     if "pct_start" in cfg.scheduler_kwargs:
         _check(cfg.scheduler_kwargs["pct_start"] < 1, "--scheduler-kwargs pct_start must be < 1")
 
@@ -326,10 +485,15 @@ def _validate_output_dir(cfg: Config) -> None:
 
 
 def default_output_dir(cfg: Config, now: float | None = None) -> str:
-    """runs/<dataset>-<model>-<timestamp>, plug-in names made path-safe."""
+    """runs/<dataset>-<model>-<timestamp>, plug-in names made path-safe; for the user's files the prefix and
+    the file or folder name (imagefolder:/data/photos -> imagefolder_photos)."""
     safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("._") or "x"  # noqa: E731
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    return str(Path("runs") / f"{safe(cfg.dataset)}-{safe(cfg.model)}-{stamp}")
+    data = cfg.dataset
+    if data.startswith(FILE_DATASETS):
+        prefix, _, path = data.partition(":")
+        data = f"{prefix}_{Path(path.rstrip('/')).name}"
+    return str(Path("runs") / f"{safe(data)}-{safe(cfg.model)}-{stamp}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -17,30 +17,45 @@ from typing import Any
 
 import torch
 
-from disttrain import shm_allreduce
+from disttrain import hardware, shm_allreduce
 from disttrain.config import Config
 from disttrain.errors import UsageError
+from disttrain.signals import SignalTally
 
 
-def resolve_precision(cfg: Config) -> str:
-    """The flag wins, then the launch config (Accelerate exports it), else full precision."""
+def resolve_precision(cfg: Config) -> tuple[str, str]:
+    """(mixed precision, where it came from): the flag wins, then the launch config (Accelerate exports it),
+    else full precision. `auto` picks by the device (hardware.auto_precision)."""
     mp = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
-    if mp not in ("no", "bf16", "fp16"):
-        raise UsageError(f"mixed precision {mp!r} from the launch config is not supported; use no, bf16 or fp16")
+    why = "--mixed-precision" if cfg.mixed_precision else \
+        "the launch config" if os.environ.get("ACCELERATE_MIXED_PRECISION") else "default"
+    if mp not in ("no", "bf16", "fp16", "auto"):
+        raise UsageError(f"mixed precision {mp!r} from the launch config is not supported; use no, bf16, fp16 or auto")
+    if mp == "auto":
+        if torch.cuda.is_available():
+            return hardware.auto_precision("cuda", torch.cuda.is_bf16_supported(including_emulation=False))
+        return hardware.auto_precision("cpu", flags=hardware.cpu_flags())
     if mp == "fp16" and not torch.cuda.is_available():
-        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use bf16 or no")
-    return mp
+        raise UsageError("--mixed-precision fp16 needs a GPU (on CPU it would silently run fp32); use auto, bf16 or no")
+    return mp, why
 
 
 def set_threads() -> int:
-    """Intra-op threads = usable cores / processes on this node, unless DISTTRAIN_THREADS says otherwise.
-
-    (torchrun exports OMP_NUM_THREADS=1 for every multi-process job; on CPU that wastes cores.)"""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    n = int(os.environ.get("DISTTRAIN_THREADS", "0")) or max(1, cores // max(1, local))
+    """Intra-op threads = usable CPUs (affinity mask, cgroup quota) / processes on this node, unless
+    DISTTRAIN_THREADS says otherwise (hardware.default_threads)."""
+    try:
+        n = hardware.default_threads(os.environ, hardware.affinity(), hardware.cgroup_cpu_limit())
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     torch.set_num_threads(n)
     return n
+
+
+def contention_watch(acc: Any) -> hardware.ContentionWatch:
+    """While training: one line from the main process if other programs take the CPUs our threads need."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return hardware.ContentionWatch(torch.get_num_threads(), local,
+                                    enabled=acc.is_main_process and acc.device.type == "cpu")
 
 
 def make_accelerator(cfg: Config, mixed_precision: str, project_dir: str | None = None) -> Any:
@@ -104,6 +119,20 @@ def share_gradients(cfg: Config, acc: Any, model: Any) -> None:
             model.register_comm_hook(None, lambda state, bucket: shm.hook(state, bucket))
 
 
+def find_unused_parameters(acc: Any, unused: list[str], force: bool = False) -> bool:
+    """Parameters the pre-flight loss never reached (a head `forward` skips, one used on some steps): DDP
+    must then look for them after every forward (find_unused_parameters), else all ranks die at the next
+    step waiting for their gradients. Globally unused parameters keep `grad=None`, as on one process.
+    `force` (--find-unused-parameters): also when the pre-flight batch used them all. Returns whether on."""
+    on = bool(unused or force) and acc.num_processes > 1 and acc.ddp_handler is not None
+    if on:
+        acc.ddp_handler.find_unused_parameters = True
+    return on
+
+
+UNUSED_HINT = "Expected to have finished reduction in the prior iteration"  # DDP's error for it
+
+
 def plain_module(acc: Any, model: Any) -> torch.nn.Module:
     """The user's own module under every wrapper (DDP, torch.compile's `_orig_mod`, Accelerate's fp32
     wrapper kept): its state_dict keys are the ones a plain `load_state_dict` expects, so every saved
@@ -120,7 +149,8 @@ def say(acc: Any, *args: Any) -> None:
         print(*args, flush=True)
 
 
-def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
+def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: list[str] | None = None,
+             precision_why: str = "") -> str:
     machines = int(os.environ.get("ACCELERATE_NUM_MACHINES", os.environ.get("NNODES", "0")) or 0) or \
         max(1, acc.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "none"
@@ -129,7 +159,13 @@ def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int) -> str:
             f"backend {backend}, {threads} thread(s)/process, batch {cfg.batch_size}/process x "
             f"{acc.num_processes} x grad-accum {cfg.grad_accum} = global batch {gb}, gradients averaged by "
             f"{gradient_path(cfg, acc)}, mixed precision "
-            f"{acc.mixed_precision}, {steps_per_epoch} steps/epoch")
+            f"{acc.mixed_precision}{f' ({precision_why})' if precision_why else ''}, {steps_per_epoch} steps/epoch"
+            + (f", {len(unused)} parameter(s) unused by the loss ({', '.join(unused[:3])}"
+               f"{', ...' if len(unused) > 3 else ''}): "
+               + ("DDP finds unused parameters every step" if acc.num_processes > 1 else "they get no gradient")
+               if unused else "")
+            + (", DDP finds unused parameters every step (--find-unused-parameters)"
+               if cfg.find_unused_parameters and not unused and acc.num_processes > 1 else ""))
 
 
 class Sync:
@@ -151,19 +187,23 @@ class Sync:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(t.item())
 
-    def poll(self, flag: bool) -> bool:
-        """Like any(), pipelined: start this poll's all-reduce and return the previous poll's answer, which
-        has long arrived, so no rank waits for the slowest one here. Every rank polls at the same steps and
-        so acts on the same answer at the same step, one poll interval later than a blocking any()."""
+    def poll(self, stop: bool, save: bool = False) -> tuple[bool, bool]:
+        """Like any() for two flags (stop, save a checkpoint), pipelined: start this poll's all-reduce and
+        return the previous poll's answer, which has long arrived, so no rank waits for the slowest one here.
+        Every rank polls at the same steps and so acts on the same answer at the same step, one poll
+        interval later than a blocking any()."""
         if self.n == 1:
-            return flag
-        t = torch.tensor([int(flag)], dtype=torch.int32)
+            return stop, save
+        t = torch.tensor([int(stop), int(save)], dtype=torch.int32)
         work = torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.group, async_op=True)
         prev, self._pending = self._pending, (work, t)
-        if prev is None or not (prev[0].wait() and bool(prev[1].item())):
-            return False
-        self.drain()
-        return True
+        if prev is None:
+            return False, False
+        prev[0].wait()
+        got_stop, got_save = (bool(v) for v in prev[1].tolist())
+        if got_stop:
+            self.drain()
+        return got_stop, got_save
 
     def drain(self) -> None:
         """Wait for a poll still in flight (before anything that ends the process group)."""
@@ -187,9 +227,11 @@ class StopSignal:
         self.received: str | None = None
         self._sigints = 0
         self._old: dict[int, Any] = {}
+        self._tally = SignalTally()  # two Ctrl-C before the handler ran still count as two
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
+            self._tally.__enter__()
             for s in self.SIGNALS:
                 self._old[s] = signal.signal(s, self._handler)
         return self
@@ -198,12 +240,14 @@ class StopSignal:
         for s, old in self._old.items():
             signal.signal(s, old)
         self._old.clear()
+        self._tally.__exit__(*exc)
 
     def _handler(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT:
-            self._sigints += 1
+            self._sigints = self._tally.count(signum)
             if self._sigints >= 2:
-                sys.stderr.write("disttrain: second Ctrl-C, exiting without a checkpoint\n")
+                newline = "\n" if sys.stderr.isatty() else ""  # never on the progress bar's line
+                sys.stderr.write(f"{newline}disttrain: second Ctrl-C, exiting without a checkpoint\n")
                 sys.stderr.flush()
                 os._exit(130)
         self.received = self.received or signal.Signals(signum).name

@@ -7,7 +7,6 @@ the sums are all-reduced, so the result is the same on any world size.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 
 from disttrain.distributed import sync_buffers
-from disttrain.errors import EXIT_USAGE, UsageError, one_line
+from disttrain.errors import EXIT_USAGE, UsageError, cut
 
 
 def evaluate(model: Any, data: Any, loss_fn: Any, acc: Any, split: str, prefix: str = "eval",
@@ -58,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run directory, its model.safetensors, or a checkpoints/step_* directory")
     p.add_argument("--data-dir", help="override the saved data dir")
     p.add_argument("--eval-batch-size", type=int, help="override the evaluation batch size")
-    p.add_argument("--split", choices=("test", "val"), default="test", help="which split (default test)")
+    p.add_argument("--split", choices=("test", "val"), default="test", help="which split")
+    p.add_argument("--dataset", help="evaluate on another labelled set instead: imagefolder:DIR, csv:FILE, "
+                                     "parquet:FILE or hf:PATH (transformed as the training data was; all of it), "
+                                     "or a built-in/plug-in name (its test split)")
     p.add_argument("--model", help="rebuild with this model (module:function or built-in) instead of the saved one")
     p.add_argument("--trust-plugins", action="store_true", help="import plug-ins named in the saved config")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -66,30 +68,57 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _saved_config(ckpt_dir: Path, meta_dir: Path) -> dict[str, Any]:
-    import yaml
+    """The run's config: its config.yaml (safe_io.read_yaml: plain data, bounded), else the checkpoint's
+    state.json (schema-checked by checkpoint.load_checkpoint). A mapping, or UsageError naming the file."""
+    from disttrain.checkpoint import MAX_JSON_BYTES
+    from disttrain.safe_io import read_json, read_yaml
 
     for d in (meta_dir, meta_dir.parent.parent):  # run dir, or a checkpoint's run dir
-        if (d / "config.yaml").is_file():
-            return yaml.safe_load((d / "config.yaml").read_text()) or {}
+        f = d / "config.yaml"
+        if f.exists() or f.is_symlink():
+            data = read_yaml(f)
+            if data is not None and not isinstance(data, dict):
+                raise UsageError(f"{f}: must be a mapping of keys to values, got {type(data).__name__}")
+            return data or {}
     state = ckpt_dir / "state.json"
-    if state.is_file():
-        return json.loads(state.read_text())["config"]
+    if state.exists() or state.is_symlink():
+        st = read_json(state, MAX_JSON_BYTES)
+        if not isinstance(st, dict) or not isinstance(st.get("config"), dict):
+            raise UsageError(f"{state}: has no config mapping")
+        return st["config"]
     raise UsageError(f"--checkpoint {ckpt_dir}: no config.yaml beside it; cannot rebuild the data")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from disttrain import checkpoint as ckpt
-    from disttrain.config import PLUGIN_RE, from_saved
+    from disttrain import schema
+    from disttrain.config import from_saved, is_plugin
     from disttrain.data import load_data
     from disttrain.models import build_model
     from disttrain.optim import build_loss
 
+    from disttrain.config import FILE_DATASETS, validate
+    from disttrain.data import DataSpec
+
     sd, meta, where = ckpt.load_weights(args.checkpoint)
     cfg = from_saved({k: v for k, v in _saved_config(where, where).items() if k != "config"})
+    saved_spec = DataSpec(**meta["spec"]) if meta and isinstance(meta.get("spec"), dict) else None
+    new_files = bool(args.dataset) and args.dataset.startswith(FILE_DATASETS)
+    if args.dataset:
+        cfg.dataset, cfg.val_fraction = args.dataset, 0.0 if new_files else cfg.val_fraction
+        if new_files:
+            args.split = "test"
+            if saved_spec is None or saved_spec.preprocess is None:
+                raise UsageError(f"--dataset {args.dataset}: the checkpoint's model was not trained on files "
+                                 "(imagefolder/csv/parquet/hf); evaluate it on its own --dataset kind")
+        else:
+            cfg.image_size = cfg.target = cfg.features = None
+            cfg.task = "auto"
+            validate(cfg)
     for name in ("dataset", "model"):
         value = getattr(cfg, name)
         explicit = name == "model" and args.model
-        if PLUGIN_RE.match(value) and not args.trust_plugins and not explicit:
+        if is_plugin(value) and not args.trust_plugins and not explicit:
             raise UsageError(f"the saved config names the plug-in --{name} {value}: importing it runs its code; "
                              f"pass --trust-plugins{' or --model' if name == 'model' else ''} to allow it")
     if args.model:
@@ -102,12 +131,13 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision or "no")
-    data = load_data(cfg, acc)
-    model = build_model(cfg.model, cfg.model_kwargs, data.spec).to(acc.device)
-    missing = set(model.state_dict()) ^ set(sd)
-    if missing:
-        raise UsageError(f"--checkpoint {args.checkpoint}: weights do not fit --model {cfg.model} "
-                         f"(keys differ: {sorted(missing)[:3]})")
+    data = load_data(cfg, acc, saved_spec if new_files else None)
+    if saved_spec is not None and (data.spec.classes, data.spec.input_shape, data.spec.preprocess) != \
+            (saved_spec.classes, saved_spec.input_shape, saved_spec.preprocess):
+        raise UsageError(f"--checkpoint {args.checkpoint}: the data now differs from what the model was trained on "
+                         f"(classes, input shape or preprocessing; were the training files changed?)")
+    model = build_model(cfg.model, cfg.model_kwargs, saved_spec or data.spec).to(acc.device)
+    schema.check_weights_fit(model, sd, f"--checkpoint {args.checkpoint}")
     model.load_state_dict(sd)
     if meta and meta.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
@@ -142,15 +172,22 @@ def format_report(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from disttrain.predict import check_target
+    from disttrain.safe_io import write_json
+
     try:
         args = _parser().parse_args(argv)
+        check_target("--json", args.json)
         res = run_evaluate(args)
+        print(format_report(res))
+        if args.json:
+            write_json(Path(args.json), res)
     except UsageError as e:
-        print(f"disttrain.evaluate: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain.evaluate: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
-    print(format_report(res))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    except OSError as e:
+        print(f"disttrain.evaluate: error: I/O error: {cut(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

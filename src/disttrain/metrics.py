@@ -4,40 +4,47 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from disttrain.safe_io import (MAX_LINE, MAX_METRICS, UnsafeInput, check_entry, loads_json, open_append, read_bytes,
+                               write_atomic)
 
 
 class MetricsLog:
     """Append-only JSON lines. On resume the lines written after the checkpoint are dropped, so after
-    any number of resumes the file reads like one uninterrupted run (plus one "resume" line each)."""
+    any number of resumes the file reads like one uninterrupted run (plus one "resume" line each). The
+    "restart" lines among them are kept: each records a failure that happened, even one whose attempt died
+    before its first checkpoint."""
 
     def __init__(self, path: Path, enabled: bool, tracker: Any = None):
         self.path, self.enabled, self.tracker = path, enabled, tracker
         self._f: Any = None
+        self._n = 0  # lines in the file
 
-    def open(self, keep_lines: int) -> None:
+    def open(self, keep_lines: int, source: Path | None = None) -> None:
+        """Keep the first `keep_lines` lines (of `source`, another run's log, when given) and append;
+        atomically, never through a link, reading at most safe_io.MAX_METRICS bytes."""
         if not self.enabled:
             return
-        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
-        lines = [ln if ln.endswith("\n") else ln + "\n" for ln in lines[:keep_lines]]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(lines))
-        os.replace(tmp, self.path)
-        self._f = open(self.path, "a")
+        src = source if source is not None else self.path
+        raw = read_bytes(src, MAX_METRICS) if check_entry(src, "file") else b""
+        lines = raw.splitlines(keepends=True)
+        kept = [ln for ln in lines[keep_lines:] if _kind(ln) == "restart"] if source is None else []
+        lines = lines[:keep_lines] + kept
+        write_atomic(self.path, b"".join(ln if ln.endswith(b"\n") else ln + b"\n" for ln in lines))
+        self._f = open_append(self.path)
+        self._n = len(lines)
 
     def lines(self) -> int:
         """Lines written so far (stored in each checkpoint)."""
-        if not self.enabled or not self.path.exists():
-            return 0
-        with open(self.path, "rb") as f:
-            return sum(1 for _ in f)
+        return self._n if self._f is not None else 0
 
     def write(self, record: dict[str, Any]) -> None:
         if self._f is not None:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+            self._n += 1
         if self.tracker is not None and record["kind"] in ("step", "epoch"):
             values = {f"{record['kind']}/{k}": v for k, v in record.items()
                       if isinstance(v, (int, float)) and k not in ("step", "epoch") and math.isfinite(v)}
@@ -49,10 +56,29 @@ class MetricsLog:
             self._f = None
 
 
+def _kind(line: str) -> Any:
+    try:
+        return json.loads(line).get("kind")
+    except (ValueError, AttributeError):  # a line cut short by a kill
+        return None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
+    """Every record of a metrics.jsonl (bounded: safe_io.MAX_METRICS bytes, MAX_LINE per line, each a JSON
+    object nested at most MAX_DEPTH deep). UnsafeInput (a UsageError) naming the file and line otherwise."""
+    if not (path.exists() or path.is_symlink()):
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(read_bytes(path, MAX_METRICS).splitlines(), 1):
+        if not ln.strip():
+            continue
+        if len(ln) > MAX_LINE:
+            raise UnsafeInput(f"{path}: line {i} is longer than {MAX_LINE:,} bytes")
+        rec = loads_json(ln, f"{path} line {i}")
+        if not isinstance(rec, dict):
+            raise UnsafeInput(f"{path} line {i}: expected a JSON object, got {type(rec).__name__}")
+        out.append(rec)
+    return out
 
 
 def step_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float, lr: float,

@@ -51,8 +51,10 @@ def resolve_sharding(cfg: Config) -> str:
     Raises UsageError for combinations that cannot work, before anything is written."""
     launcher = fsdp_requested_by_launcher()
     if cfg.sharding == "none" and launcher:
-        raise UsageError("--sharding none, but the launch config asks for FSDP (distributed_type: FSDP, "
-                         "ACCELERATE_USE_FSDP=true); pass --sharding fsdp or use a launch config without FSDP")
+        given = "sharding" in getattr(cfg, "explicit", {"sharding"})  # else a resumed run's saved setting
+        raise UsageError(f"{'--sharding none' if given else 'the resumed run was trained with sharding none'}, "
+                         "but the launch config asks for FSDP (distributed_type: FSDP, ACCELERATE_USE_FSDP=true); "
+                         "pass --sharding fsdp or use a launch config without FSDP")
     kind = cfg.sharding if cfg.sharding != "auto" else "fsdp" if launcher else "none"
     if kind == "fsdp":
         if cfg.mixed_precision == "fp16":

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from disttrain.errors import EXIT_USAGE, UsageError, one_line
+from disttrain.errors import EXIT_USAGE, UsageError, cut
 from disttrain.metrics import read_metrics
+from disttrain.safe_io import check_entry, write_atomic
 
 LOG_DECADES = 1.5  # log-scale a loss axis when max/min exceeds 10**1.5
 SPLITS = (("train", "-"), ("val", ":"), ("eval", "--"))
@@ -41,12 +43,12 @@ class RunCurves:
 def load_run(path: str | Path) -> RunCurves:
     p = Path(path)
     metrics = p / "metrics.jsonl" if p.is_dir() else p
-    if not metrics.is_file():
+    if not (metrics.exists() or metrics.is_symlink()):
         raise UsageError(f"{path}: no metrics.jsonl there (expected a run directory)")
     try:
-        recs = read_metrics(metrics)
-    except ValueError as e:
-        raise UsageError(f"{metrics}: not JSON lines ({one_line(e)})") from None
+        recs = read_metrics(metrics)  # bounded, regular file only; UsageError naming the line
+    except OSError as e:
+        raise UsageError(f"{metrics}: unreadable ({e.strerror})") from None
     run_dir = metrics.parent
     epochs = [r for r in recs if r.get("kind") == "epoch"]
     steps = [r for r in recs if r.get("kind") == "step"]
@@ -209,7 +211,11 @@ def make_plots(run_dirs: list[str | Path], out: str | Path | None = None, x: str
     xkey = {"epoch": "epoch", "elapsed": "elapsed_s"}[x]
     sfx = "" if x == "epoch" else "_elapsed"
     out_dir = Path(out) if out is not None else runs[0].path / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not check_entry(out_dir, "dir"):  # (a link or a file there is refused, never written through)
+        try:
+            out_dir.mkdir(parents=True)
+        except OSError as e:
+            raise UsageError(f"--out {out_dir}: cannot create it ({e.strerror})") from None
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
     figures: list[tuple[str, Any]] = [
         (f"loss{sfx}.png", lambda ax: plot_loss_epochs(ax, runs, xkey)),
@@ -225,7 +231,7 @@ def make_plots(run_dirs: list[str | Path], out: str | Path | None = None, x: str
             _finish_axes(ax)
             fig.suptitle(title, fontsize="small", color="0.4")
             fig.tight_layout()
-            fig.savefig(out_dir / name)
+            _save(fig, out_dir / name)
             written.append(out_dir / name)
         plt.close(fig)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), dpi=100)
@@ -239,10 +245,17 @@ def make_plots(run_dirs: list[str | Path], out: str | Path | None = None, x: str
                     ha="center", va="center", transform=ax.transAxes, color="0.5")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_dir / f"overview{sfx}.png")
+    _save(fig, out_dir / f"overview{sfx}.png")
     plt.close(fig)
     written.append(out_dir / f"overview{sfx}.png")
     return written
+
+
+def _save(fig: Any, path: Path) -> None:
+    """A PNG written atomically, never through a link (safe_io.write_atomic)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_atomic(path, buf.getvalue())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -262,8 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         written = make_plots(args.runs, args.out, args.x)
     except UsageError as e:
-        print(f"disttrain.plot: error: {one_line(e)}", file=sys.stderr)
+        print(f"disttrain.plot: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:
+        print(f"disttrain.plot: error: cannot write the figures: {cut(e)}", file=sys.stderr)
+        return 1
     for p in written:
         print(p)
     return 0

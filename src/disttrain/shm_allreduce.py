@@ -120,10 +120,11 @@ class ShmAllReduce:
             if now > check:
                 check = now + 0.1
                 if not _alive(self.pids[peer]):
-                    raise TrainingError(f"rank {peer} (pid {self.pids[peer]}) died during the gradient all-reduce")
+                    raise TrainingError(f"rank {peer} (pid {self.pids[peer]}) died during the gradient all-reduce",
+                                        restartable=True)
                 if now - t0 > self.timeout_s:
                     raise TrainingError(f"rank {peer} did not reach the gradient all-reduce within "
-                                        f"{self.timeout_s:.0f} s (--dist-timeout)")
+                                        f"{self.timeout_s:.0f} s (--dist-timeout)", restartable=True)
 
 
 def _create(size: int) -> str:

@@ -17,14 +17,17 @@ on disk; this module only knows what they mean.
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from disttrain import checkpoint as ckpt
-from disttrain.config import Config
+from disttrain.config import Config, load_yaml, resumed_config
 from disttrain.distributed import say
+from disttrain.errors import UsageError
 
 if TYPE_CHECKING:  # train.py imports this module; the type only
     from disttrain.train import Run
@@ -46,6 +49,8 @@ class Position:
     resumes: int = 0
     checkpoints: int = 0
     last_lr: float = 0.0
+    interval: dict[str, float] | None = None  # the open step-line interval (all-rank loss sum, samples,
+    #                                            steps, seconds) when saved mid-epoch; used once on resume
 
     @classmethod
     def from_saved(cls, p: dict[str, Any]) -> Position:
@@ -53,9 +58,57 @@ class Position:
         return cls(**{k: p[k] for k in cls.__dataclass_fields__ if k in p})
 
 
+def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this process's training streams (torch CPU and CUDA, numpy, Python `random`: dropout and any
+    draw a model makes) from (seed, rank, step) through numpy's SeedSequence, so ranks draw different
+    masks, each a function of the seed and its rank. Called after the model is built (initial weights come
+    from `--seed` alone, the same on every rank); `step` is nonzero only when a resume on another world size
+    cannot carry the saved streams over."""
+    import numpy as np
+
+    s = int(np.random.SeedSequence([seed % 2**63, rank, step]).generate_state(1, np.uint64)[0]) >> 1
+    torch.manual_seed(s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
 def global_batch(cfg: Config, world: int) -> int:
     """Samples per optimizer step over all ranks: batch-size x processes x grad-accum."""
     return cfg.batch_size * world * cfg.grad_accum
+
+
+# --------------------------------------------------------------------------- which run a resume continues
+
+
+def resume_config(cfg: Config) -> tuple[Config, str | None]:
+    """--resume continues a run as it was. `auto` continues --output-dir's run; PATH continues the run
+    directory that holds PATH unless --output-dir names another. Either way the run's saved config is reused
+    and only the keys given explicitly change (train refuses the ones a resume may not change). Returns the
+    config and the one line saying what changed (None when there is no saved run to continue)."""
+    if cfg.resume == "none":
+        return cfg, None
+    checkpoint = None
+    if cfg.resume == "auto":
+        run = Path(cfg.output_dir or ".")
+    else:
+        run, checkpoint = ckpt.run_dir_of(cfg.resume)
+        if cfg.output_dir is None and run is not None:  # (an explicit --output-dir wins)
+            cfg.output_dir = str(run)
+    saved_file = ckpt.RunDir(run).config if run is not None and ckpt.RunDir(run).is_run() else None
+    if saved_file is not None and saved_file.is_file():  # (a folder that is not a run: train refuses it)
+        try:
+            saved = load_yaml(str(saved_file))
+        except UsageError as e:
+            raise UsageError(f"--resume: the run's saved config is unusable ({e})") from None
+        where = str(saved_file)
+    else:
+        saved = ckpt.saved_run_config(checkpoint) if checkpoint is not None else None
+        where = f"{checkpoint}/state.json"
+    if saved is None:
+        return cfg, None
+    new, changed = resumed_config(saved, cfg, where)
+    return new, (f"resume: continuing {new.output_dir} with its saved config ({where}); "
+                 + (f"changed: {', '.join(changed)}" if changed else "no setting changed"))
 
 
 # --------------------------------------------------------------------------- save
@@ -113,7 +166,7 @@ def restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: torch
     else:  # other world size: per-rank streams cannot carry over; derive fresh ones
         say(acc, f"disttrain: note: world size {state['world_size']} -> {acc.num_processes}; "
                   "per-rank RNG streams (dropout) restart from the seed")
-        torch.manual_seed(cfg.seed + 1_000_003 * (acc.process_index + 1) + pos.step)
+        seed_rank_streams(cfg.seed, acc.process_index, pos.step)
     return pos
 
 
@@ -123,8 +176,6 @@ def load_model_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what
     missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     bad_shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if missing or unexpected or bad_shape:
-        from disttrain.errors import UsageError
-
         raise UsageError(f"{what}: weights do not fit --model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"shape mismatch {bad_shape[:3]})")
     model.load_state_dict(sd)

@@ -139,6 +139,7 @@ def build_summary(r: Any, hosts: list[str]) -> dict[str, Any]:
         "train_samples_per_sec": run_throughput(epochs),
         "checkpoints": {"written": r.pos.checkpoints, "kept": kept, "resumes": r.pos.resumes},
         "resumes": r.pos.resumes,
+        "restarts": sum(1 for x in records if x.get("kind") == "restart"),  # by disttrain.launch --max-restarts
         "nonfinite_skips": r.pos.nonfinite_skips,
         "model_file": str(rundir.model) if rundir.model.exists() else None,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -157,9 +158,11 @@ def format_summary(s: dict[str, Any]) -> str:
             lines.append(f"  best {k} {b['value']:.4f} at epoch {b['epoch']} (step {b['step']})")
     sps = s["train_samples_per_sec"]
     c = s["checkpoints"]
+    restarts = f", {s['restarts']} restart(s) after a failure" if s.get("restarts") else ""
     lines.append(f"  time {s['elapsed_s']:.1f} s, {sps:.0f} training samples/s, {c['written']} checkpoint(s) "
-                 f"written, {s['resumes']} resume(s)" if sps else
-                 f"  time {s['elapsed_s']:.1f} s, {c['written']} checkpoint(s) written, {s['resumes']} resume(s)")
+                 f"written, {s['resumes']} resume(s){restarts}" if sps else
+                 f"  time {s['elapsed_s']:.1f} s, {c['written']} checkpoint(s) written, {s['resumes']} resume(s)"
+                 f"{restarts}")
     p = s["provenance"]
     git = p["git"]
     lines.append(f"  disttrain {p['disttrain']}, torch {p['torch']}, accelerate {p['accelerate']}, "

@@ -17,20 +17,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from disttrain import checkpoint as ckpt
+from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
-from disttrain.distributed import (StopSignal, Sync, broadcast_str, is_launched, make_accelerator, resolve_precision,
-                                   say, set_threads, shutdown, start_parent_watchdog, topology)
+from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
+                                   find_unused_parameters, is_launched, make_accelerator, resolve_precision, say,
+                                   set_threads, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
-                              one_line)
+                              cut, one_line)
 from disttrain.evaluate import evaluate
+from disttrain.launch import report_refusal
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
 from disttrain.optim import build_loss, build_optimizer, build_scheduler, check_schedule, loss_name
 from disttrain.parallel import make_parallel, resolve_sharding
-from disttrain.state import Position, checkpoint_files, load_model_weights, position_dict, restore, shard_files
+from disttrain.recovery import Progress, SaveClock, restart_line, restart_record
+from disttrain.state import (Position, checkpoint_files, load_model_weights, position_dict, restore, resume_config,
+                             seed_rank_streams, shard_files)
 from disttrain.summary import write_summary
 
 
@@ -59,21 +65,46 @@ class Run:
     pos: Position
     total_steps: int
     model_meta: dict[str, Any]
+    progress: Progress  # the last finished step, for the launcher's restarts (main process)
+    save_clock: SaveClock  # --save-every-minutes
     par: Any = None  # parallel.DataParallel or FullyShardedDataParallel: wrapping, gradient sync, state
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
+    bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
+
+    @property
+    def epochs(self) -> int:
+        """Epochs this run will reach: --max-steps may end it inside an earlier one (console lines)."""
+        return min(self.cfg.epochs, -(-self.total_steps // max(1, self.data.steps_per_epoch())))
 
 
 class Meter:
     """Training-loss sums kept on the device, read only at log steps, saves and epoch ends."""
 
-    def __init__(self, device: torch.device, wait_s: float):
+    def __init__(self, device: torch.device, wait_s: float, carried: dict[str, float] | None = None,
+                 main: bool = True):
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         self.epoch_sum, self.interval_sum = zero(), zero()
         self.finite_adds = torch.zeros((), dtype=torch.int64, device=device)  # adds that left the sum finite
         self.n_adds, self.step0 = 0, 0  # host ints: adds so far, the step before the first add
         self.n_epoch = self.n_interval = self.steps_interval = 0  # host ints: batch sizes are known
-        self.t_interval, self.wait_start = time.perf_counter(), wait_s
+        self.t_epoch: float | None = time.perf_counter()  # None once the epoch's time is folded in
+        self.t_interval, self.wait_start = self.t_epoch, wait_s
+        if carried:  # resumed mid-interval: the first step line covers the same steps as without the resume
+            self.steps_interval = int(carried["steps"])
+            self.t_interval -= carried["s"]
+            if main:  # (sums are read over all ranks: the saved all-rank sums live on the main process)
+                self.interval_sum += carried["loss"]
+                self.n_interval = int(carried["count"])
+
+    def train_s(self, save_s: float) -> float:
+        """Seconds of this epoch's training so far (checkpoint writes excluded), 0 once folded in."""
+        return 0.0 if self.t_epoch is None else time.perf_counter() - self.t_epoch - save_s
+
+    def carried(self, acc: Any) -> dict[str, float]:
+        """The open step-line interval, over all ranks, for a checkpoint (a collective)."""
+        loss, n, _ = self.read(acc, "interval")
+        return {"loss": loss, "count": n, "steps": self.steps_interval, "s": time.perf_counter() - self.t_interval}
 
     def add(self, window_sum: torch.Tensor, n: int, step: int) -> None:
         self.epoch_sum += window_sum
@@ -108,20 +139,22 @@ def train(r: Run) -> None:
     opt = optimizer.optimizer if (hasattr(optimizer, "optimizer") and getattr(acc, "scaler", None) is None
                                   and acc.distributed_type != "XLA") else optimizer
     while pos.epoch < cfg.epochs and pos.step < r.total_steps:
-        meter, t_epoch, r.save_s = Meter(acc.device, data.wait_s), time.perf_counter(), 0.0
+        meter, r.save_s = Meter(acc.device, data.wait_s, pos.interval, acc.is_main_process), 0.0
+        pos.interval = None
         model.train()
-        bar = _progress_bar(r, steps_per_epoch)
+        bar = r.bar = _progress_bar(r, steps_per_epoch)
         for window in data.train_windows(pos.epoch, start=pos.window):
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
             for i, (x, y) in enumerate(window):
-                # --- reduce gradients once per optimizer step: no sync on earlier micro-batches (DDP or FSDP)
-                with r.par.grad_sync(model, i == len(window) - 1):
+                # --- reduce gradients once per optimizer step: no sync on earlier micro-batches (DDP or FSDP);
+                #     window.mode: a rank with no sample left in the epoch's last step joins with weight 0
+                with r.par.grad_sync(model, i == len(window) - 1), window.mode(model):
                     losses = r.loss_fn(model(x), y)  # per-sample losses, shape [batch]
-                    # --- sum / samples in the window: each sample weighs the same on any world size,
-                    #     micro-batching or partial last window (DDP then averages over ranks)
-                    acc.backward(losses.sum() / window.n_samples)
-                s = losses.detach().sum(dtype=torch.float64)
+                    # --- sum x processes / samples in the step (all ranks): after DDP's average over ranks
+                    #     each sample weighs the same on any world size, micro-batching or partial last step
+                    acc.backward(losses.sum() * window.weight)
+                s = losses.detach().sum(dtype=torch.float64) * (not window.placeholder)
                 window_loss = s if window_loss is None else window_loss + s
             # --on-nonfinite skip: no update, but the step slot (schedule, data position) is used up
             skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
@@ -132,6 +165,7 @@ def train(r: Run) -> None:
                 opt.step()
             r.scheduler.step()
             pos.step, pos.window = pos.step + 1, pos.window + 1
+            r.progress.mark(pos.step)
             meter.add(torch.zeros_like(window_loss) if skipped else window_loss,
                       0 if skipped else window.n_samples, pos.step)
             if bar is not None:
@@ -139,27 +173,31 @@ def train(r: Run) -> None:
             # --- bookkeeping at step boundaries: logs, agreed stop, periodic checkpoints
             if pos.step % cfg.log_every == 0:
                 _log_step(r, meter, steps_per_epoch)
-            # agreed stop: every step on one process; across processes a pipelined poll every STOP_EVERY
-            # steps (never waits on a gloo round trip), so all ranks stop after the same step, at most
-            # 2 * STOP_EVERY - 1 steps after the signal
-            if (r.sync.n == 1 or pos.step % STOP_EVERY == 0) and r.sync.poll(r.stop.received is not None):
+            # agreed stop and time-based checkpoint: every step on one process; across processes a
+            # pipelined poll every STOP_EVERY steps (never waits on a gloo round trip), so all ranks stop or
+            # save after the same step, at most 2 * STOP_EVERY - 1 steps after the signal or the deadline
+            stop = save_due = False
+            if r.sync.n == 1 or pos.step % STOP_EVERY == 0:
+                stop, save_due = r.sync.poll(r.stop.received is not None, r.save_clock.due())
+            if stop:
                 _save(r, meter)
                 raise Interrupted(r.stop.received or "a signal on another rank")
             last = pos.window == steps_per_epoch or pos.step >= r.total_steps
-            if cfg.save_every_steps and pos.step % cfg.save_every_steps == 0 and not last:
+            if (save_due or cfg.save_every_steps and pos.step % cfg.save_every_steps == 0) and not last:
                 _save(r, meter)
             if pos.step >= r.total_steps:
                 break
         if bar is not None:
             bar.close()
-        pos.epoch_train_s += time.perf_counter() - t_epoch - r.save_s
+        pos.epoch_train_s += meter.train_s(r.save_s)
+        meter.t_epoch = None
         _end_epoch(r, meter)
     r.sync.drain()
 
 
 def _end_epoch(r: Run, meter: Meter) -> None:
     """Evaluate, write the epoch line, checkpoint (and best/)."""
-    pos, cfg = r.pos, r.cfg
+    pos = r.pos
     s, n, bad = meter.read(r.acc, "epoch")
     _fail_if_bad(r, bad)
     pos.epoch_loss, pos.epoch_count = pos.epoch_loss + s, pos.epoch_count + n
@@ -176,7 +214,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
-    say(r.acc, epoch_line(rec, cfg.epochs))
+    say(r.acc, epoch_line(rec, r.epochs))
     if pos.window >= r.data.steps_per_epoch():  # a run cut short by --max-steps stays inside its epoch,
         pos.epoch, pos.window = pos.epoch + 1, 0  # so a resume with a longer run continues it
         pos.epoch_loss, pos.epoch_count, pos.epoch_train_s = 0.0, 0, 0.0
@@ -203,7 +241,7 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
-        say(r.acc, step_line(rec["epoch"], r.cfg.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
+        say(r.acc, step_line(rec["epoch"], r.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
                               rec["lr"], rec["samples_per_sec"], wait))
 
 
@@ -232,6 +270,7 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     t = time.perf_counter()
     s, n, bad = meter.read(r.acc, "epoch")  # never save after a non-finite loss
     _fail_if_bad(r, bad)
+    interval = meter.carried(r.acc) if r.pos.window > 0 else None  # (an epoch's end starts a new interval)
     if not r.par.params_finite(r.model):
         raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
     rng = ckpt.gather_rng(r.acc)
@@ -242,7 +281,8 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     if main:
         r.pos.checkpoints += 1
         position = position_dict(r.pos, elapsed_s=_elapsed(r), metrics_lines=r.metrics.lines(),
-                                 epoch_loss=r.pos.epoch_loss + s, epoch_count=r.pos.epoch_count + n)
+                                 epoch_loss=r.pos.epoch_loss + s, epoch_count=r.pos.epoch_count + n,
+                                 epoch_train_s=r.pos.epoch_train_s + meter.train_s(r.save_s), interval=interval)
         files = checkpoint_files(r, rng, position, files)
     if files:
         try:
@@ -252,6 +292,7 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     if r.sync.any(failed is not None):
         raise failed or TrainingError(f"the main process could not write checkpoint {path}; stopping")
     r.acc.wait_for_everyone()
+    r.save_clock.reset()
     r.save_s += time.perf_counter() - t
     return path
 
@@ -265,7 +306,7 @@ def _progress_bar(r: Run, steps_per_epoch: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.cfg.epochs}",
+    return tqdm(total=steps_per_epoch, initial=r.pos.window, desc=f"epoch {r.pos.epoch + 1}/{r.epochs}",
                 unit="step", leave=False, dynamic_ncols=True)
 
 
@@ -278,6 +319,7 @@ def _bar_active(r: Run) -> bool:
 
 def _resume_source(cfg: Config, rundir: ckpt.RunDir) -> ckpt.Path | None:
     """Which checkpoint to resume from, or None for a fresh start; refuses what would lose work."""
+    _check_output_dir(cfg, rundir)
     if cfg.resume == "none":
         if rundir.has_history() and not cfg.overwrite:
             raise UsageError(f"--output-dir {rundir.path} already holds a run; use --resume auto to continue it "
@@ -293,6 +335,42 @@ def _resume_source(cfg: Config, rundir: ckpt.RunDir) -> ckpt.Path | None:
     return ckpt.resolve_checkpoint(cfg.resume)
 
 
+def _check_output_dir(cfg: Config, rundir: ckpt.RunDir) -> None:
+    """The output directory is new, empty, or a disttrain run (never a folder of the user's own files:
+    config.yaml, status.json... would be replaced); --overwrite finds only what disttrain wrote; a
+    checkpoint of another run is never resumed into a directory that holds a run (docs/security.md)."""
+    entries = rundir.entries()
+    if entries and not rundir.is_run():
+        raise UsageError(f"--output-dir {rundir.path}: not empty and not a disttrain run (holds "
+                         f"{', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); choose a new or empty directory")
+    if cfg.overwrite:
+        foreign = rundir.foreign_entries()
+        if foreign:
+            raise UsageError(f"--overwrite: {rundir.path} holds files disttrain did not write ({', '.join(foreign[:4])}"
+                             f"{', ...' if len(foreign) > 4 else ''}); move them away or choose another --output-dir")
+    if cfg.resume not in ("auto", "none") and rundir.has_history():
+        src = ckpt.Path(cfg.resume).resolve()
+        home = next((p.parent for p in (src, *src.parents) if p.name == "checkpoints"), None)
+        if home is None or home.resolve() != rundir.path.resolve():
+            raise UsageError(f"--resume {cfg.resume}: the checkpoint belongs to another run, and --output-dir "
+                             f"{rundir.path} already holds a run; resume into that checkpoint's own run directory "
+                             "or a new one")
+
+
+def _claim(acc: Any, rundir: ckpt.RunDir) -> None:
+    """Lock first, then decide: the main process refuses links in the run directory and takes its lock
+    (waiting for a killed run's orphaned workers to finish saving); every rank learns if that failed."""
+    err: UsageError | None = None
+    if acc.is_main_process:
+        try:
+            rundir.check_layout()
+            rundir.lock()
+        except UsageError as e:
+            err = e
+    if Sync(acc).any(err is not None):
+        raise err or UsageError(f"--output-dir {rundir.path}: the main process could not lock it")
+
+
 def _check_resume(cfg: Config, saved: dict[str, Any], world: int) -> None:
     diff = config_diff(saved["config"], cfg)
     if diff:
@@ -306,19 +384,35 @@ def _check_resume(cfg: Config, saved: dict[str, Any], world: int) -> None:
                          "--allow-batch-change to accept a different data order")
 
 
-def setup(cfg: Config, stop: StopSignal) -> Run | None:
-    """Build the run; validate everything before the output directory is touched. None on --dry-run."""
-    cfg.mixed_precision = resolve_precision(cfg)
-    cfg.sharding = sharding = resolve_sharding(cfg)  # never silent DDP when the launch config asked for FSDP
+def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | None:
+    """Build the run; validate everything before the output directory is touched. None on --dry-run.
+    `started`: when this attempt began (time.time(); elapsed_s counts start-up)."""
+    started = time.time() if started is None else started
+    cfg, resume_note = resume_config(cfg)  # --resume: the saved run's config, explicit flags changed
+    cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
+    cfg.sharding = resolve_sharding(cfg)  # never silent DDP when the launch config asked for FSDP
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
     if cfg.output_dir is None:  # one timestamp for all ranks
         cfg.output_dir = broadcast_str(acc, default_output_dir(cfg))
     rundir = ckpt.RunDir(cfg.output_dir)
-    if acc.is_main_process:
-        rundir.wait_unlocked()  # a killed run's orphaned workers may still be saving; never read under them
-    acc.wait_for_everyone()
+    if resume_note:
+        say(acc, resume_note)
+    _claim(acc, rundir)  # (a killed run's orphaned workers may still be saving: never read under them)
+    try:
+        run = _setup_run(cfg, stop, acc, rundir, threads, started, precision_why)
+    except BaseException:
+        rundir.abandon()  # refused before anything was written: leave no lock file nor directory behind
+        raise
+    if run is None:
+        rundir.abandon()
+    return run
+
+
+def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, threads: int,
+               started: float, precision_why: str) -> Run | None:
+    """setup() with the run directory locked."""
     source = _resume_source(cfg, rundir)
     saved = ckpt.load_checkpoint(source) if source is not None else None
     if saved is not None:
@@ -336,26 +430,35 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
     if cfg.sync_batchnorm and acc.num_processes > 1 and acc.device.type == "cpu":
         raise UsageError("--sync-batchnorm needs GPUs: PyTorch's SyncBatchNorm does not run on CPU (gloo); "
                          "batch-norm statistics stay per process")
-    x, y = next(iter(next(data.train_windows(0))))
-    check_batch(model, loss_fn, x, y, data.spec, name)
+    unused, channels_last = _preflight(acc, model, loss_fn, data, name, channels_last)
+    find_unused_parameters(acc, unused, cfg.find_unused_parameters)
+    seed_rank_streams(cfg.seed, acc.process_index)  # training draws (dropout) differ per rank from here on
     if cfg.init_from:
         load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
     check_schedule(cfg, total)
-    build_optimizer(cfg, model)  # refuses bad optimizer settings now; the real one is built after wrapping
-    par = make_parallel(cfg, acc, sharding)
-    say(acc, f"{topology(acc, cfg, data.steps_per_epoch(), threads)}, {par.describe(model)}")
+    # refuses bad optimizer settings now and checks a resumed state against them; the optimizer that trains
+    # is built after wrapping, on the wrapped (maybe sharded) parameters
+    optimizer = build_optimizer(cfg, model)
+    if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
+        schema.check_resume_fits(saved, model, optimizer, build_scheduler(cfg, optimizer, total), source)
+    del optimizer
+    par = make_parallel(cfg, acc, cfg.sharding)
+    say(acc, f"{topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why)}, {par.describe(model)}")
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
         say(acc, f"dry run: {cfg.model} with {num_parameters(model):,} parameters, {len(data.train)} training "
                   f"samples, {total} optimizer steps ({data.steps_per_epoch()}/epoch, {cfg.epochs} epochs), "
-                  f"loss {name}, output dir {rundir.path} (nothing written)")
+                  f"loss {name}, output dir {rundir.path}, "
+                  + (f"would resume from {source} at step {saved['state.json']['position']['step']}"
+                     if saved is not None else "would start fresh") + " (nothing written)")
         return None
+    previous = Progress.read(rundir.progress) if acc.is_main_process else None  # a failed attempt's last step
     # ---- from here on we write into the run directory
     if acc.is_main_process:
-        rundir.lock()
+        rundir.claim()
         ckpt.clean_partial(rundir)
         if cfg.overwrite:
             rundir.clear()
@@ -371,12 +474,47 @@ def setup(cfg: Config, stop: StopSignal) -> Run | None:
         pos = restore(saved, cfg, acc, par, model, optimizer, scheduler, source)
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
-    metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0)
+    metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0,
+                 source=_earlier_metrics(rundir, source))
     if saved is not None:
         metrics.write({"kind": "resume", "step": pos.step, "checkpoint": str(source)})
         say(acc, f"resumed from {source} at step {pos.step} (epoch {pos.epoch + 1}, {pos.window} steps into it)")
+    # started again by `disttrain.launch --max-restarts` after a crash: say what it cost
+    restart = restart_record(pos.step, previous) if acc.is_main_process else None
+    if restart is not None:
+        metrics.write(restart)
+        say(acc, restart_line(restart))
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
-               total, meta, par)
+               total, meta, Progress(rundir.progress, acc.is_main_process),
+               SaveClock(cfg.save_every_minutes, acc.is_main_process), par=par, attempt_start=started)
+
+
+def _earlier_metrics(rundir: ckpt.RunDir, source: ckpt.Path | None) -> ckpt.Path | None:
+    """--resume PATH into another --output-dir: the metrics.jsonl of PATH's run, whose lines up to the
+    checkpoint start this one (so it reads as one run); None when resuming in place."""
+    if source is None or rundir.metrics.exists():
+        return None
+    run, _ = ckpt.run_dir_of(source)
+    return ckpt.RunDir(run).metrics if run is not None and run.resolve() != rundir.path.resolve() else None
+
+
+def _preflight(acc: Any, model: Any, loss_fn: Any, data: Data, loss: str,
+               channels_last: bool) -> tuple[list[str], bool]:
+    """One batch through the model before anything is written (models.check_batch): (unused parameters,
+    channels_last still on). channels_last is our default, never the user's: a model it breaks (a `view` of
+    a conv output) runs in the standard format instead, and a note says so."""
+    x, y = next(iter(next(data.train_windows(0))))
+    try:
+        return check_batch(model, loss_fn, x, y, data.spec, loss), channels_last
+    except UsageError as e:
+        if not channels_last:
+            raise
+        model.to(memory_format=torch.contiguous_format)
+        data.channels_last = False
+        unused = check_batch(model, loss_fn, x.contiguous(), y, data.spec, loss)  # still failing: the model's error
+        say(acc, f"disttrain: note: channels_last memory format turned off: the model fails with it "
+                  f"({one_line(e)[:160]}); training in the standard format")
+        return unused, False
 
 
 def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -> Any:
@@ -403,11 +541,19 @@ def finish(r: Run) -> None:
     r.acc.wait_for_everyone()
 
 
-def _write_status(r: Run | None, state: str, code: int, reason: str) -> None:
+def _close_bar(r: Run | None) -> None:
+    """Clear the progress bar's line, so that the message that follows starts on a line of its own."""
+    if r is not None and r.bar is not None:
+        r.bar.close()
+        r.bar = None
+
+
+def _write_status(r: Run | None, state: str, code: int, reason: str, restartable: bool = False) -> None:
+    """status.json (main process). `restartable`: whether `disttrain.launch --max-restarts` may start again."""
     if r is not None and r.acc.is_main_process and r.rundir.path.is_dir():
         try:
             ckpt.write_json(r.rundir.status, {"state": state, "exit_code": code, "step": r.pos.step,
-                                              "reason": reason, "time": time.time()})
+                                              "reason": reason, "restartable": restartable, "time": time.time()})
         except OSError as e:  # e.g. the disk that stopped the run is still full: the exit code still tells
             print(f"disttrain: warning: cannot write {r.rundir.status}: {one_line(e)}", file=sys.stderr)
 
@@ -418,43 +564,60 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     stop = StopSignal()
     try:
+        started = time.time()
         cfg = parse_config(argv)
-        r = setup(cfg, stop)
+        r = setup(cfg, stop, started)
         if r is None:
             return EXIT_OK
-        with stop:  # also around the export: a late signal must not kill the run before status.json
+        # stop: also around the export (a late signal must not kill the run before status.json)
+        with stop, contention_watch(r.acc):
             train(r)
             finish(r)
             _write_status(r, "completed", EXIT_OK, "")
         return EXIT_OK
     except UsageError as e:
         if rank == 0 or not is_launched():
-            print(f"disttrain: error: {one_line(e)}", file=sys.stderr)
+            print(f"disttrain: error: {cut(e)}", file=sys.stderr)
+            report_refusal(f"disttrain: error: {cut(e)}")  # disttrain.launch prints it last, exit 2
         return EXIT_USAGE
     except Interrupted as e:
+        _close_bar(r)
         msg = f"stopped by {e} at step {r.pos.step if r else '?'}; checkpoint written, resume with --resume auto"
         _write_status(r, "interrupted", EXIT_INTERRUPTED, msg)
         if r is None or r.acc.is_main_process:
             print(f"disttrain: {msg}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except TrainingError as e:
-        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
-        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {one_line(e)}", file=sys.stderr)
+        _close_bar(r)
+        _write_status(r, "failed", EXIT_FAILURE, cut(e), e.restartable)
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {cut(e)}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as e:  # e.g. disk full while writing metrics or the final model: one line, exit 1
-        _write_status(r, "failed", EXIT_FAILURE, one_line(e))
-        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {one_line(e)}",
+    except RuntimeError as e:
+        if UNUSED_HINT not in str(e):
+            raise
+        msg = (f"a parameter got no gradient at step {r.pos.step + 1 if r else '?'} although the pre-flight batch "
+               "used it (a model that skips parameters on some steps); rerun with --find-unused-parameters")
+        _close_bar(r)
+        _write_status(r, "failed", EXIT_FAILURE, msg)
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: {msg}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as e:  # e.g. disk full while writing metrics: one line, exit 1
+        _close_bar(r)
+        _write_status(r, "failed", EXIT_FAILURE, cut(e))
+        print(f"disttrain: error{f' [rank {rank}]' if is_launched() else ''}: I/O error: {cut(e)}",
               file=sys.stderr)
         return EXIT_FAILURE
     finally:
         if r is not None:
             r.metrics.close()
+            r.progress.close()
             if r.cfg.log_with and r.acc.is_main_process:
                 for t in r.acc.trackers:  # not end_training(): that also tears down the process group
                     t.finish()
             r.rundir.unlock()
 
 
+@record  # torchrun's agent: an uncaught exception goes to its error file, so the launcher can name the cause
 def _entry() -> None:
     code = main()
     sys.stdout.flush()

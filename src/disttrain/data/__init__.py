@@ -3,21 +3,24 @@
 - base.py: DataSpec (saved with the model), ArrayDataset (the in-memory fast path), normalisation, plug-ins
 - builtin.py: torchvision's Fashion-MNIST, MNIST, CIFAR-10 (uint8 tensor cache)
 - synthetic.py: generated regression/classification sets
+- images.py, tables.py, hf.py: the user's own files (imagefolder:DIR, csv:FILE / parquet:FILE, hf:PATH)
 - order.py: the per-rank order (one DistributedSampler) and the batches that follow it
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from disttrain.config import Config
-from disttrain.data.base import ArrayDataset, DataSpec, import_plugin, normalize_uint8
+from disttrain.config import FILE_DATASETS, Config
+from disttrain.data.base import ArrayDataset, DataSpec, as_pairs, holdout_indices, import_plugin, normalize_uint8
 from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset, locate
+from disttrain.data.files import load_files
 from disttrain.data.order import Data, Window, augment_batch
 from disttrain.data.synthetic import synthetic_classification, synthetic_regression
 from disttrain.errors import UsageError, one_line
@@ -49,6 +52,21 @@ def _target_info(ds: Dataset) -> tuple[str, int, list[int]]:
     return "regression", math.prod(shape), shape
 
 
+def _declared_classes(ds: Any, name: str, task: str, n_out: int) -> list[str] | None:
+    """Class names a plug-in dataset declares as a `classes` attribute (a list of strings, index = label),
+    as torchvision datasets do; looked up through Subset wrappers."""
+    while isinstance(ds, Subset) and not hasattr(ds, "classes"):
+        ds = ds.dataset
+    classes = getattr(ds, "classes", None)
+    if classes is None:
+        return None
+    if task != "classification" or not isinstance(classes, (list, tuple)) or \
+            not all(isinstance(c, str) for c in classes) or len(classes) < n_out:
+        raise UsageError(f"--dataset {name}: its `classes` must be a list of at least {n_out} class names "
+                         f"(strings, index = label) for integer targets; got {str(classes)[:100]}")
+    return list(classes)
+
+
 def _dataset_from_factory(cfg: Config, fn: Any) -> tuple[Any, Any]:
     try:
         out = fn(data_dir=cfg.data_dir, **cfg.dataset_kwargs)
@@ -70,21 +88,27 @@ def _split_val(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     """A deterministic hold-out: depends on the seed and the dataset size, never on world size."""
     if fraction <= 0:
         return train, None
-    n = len(train)
-    n_val = int(round(n * fraction))
-    if n_val == 0 or n_val == n:
-        raise UsageError(f"--val-fraction {fraction} leaves {n - n_val} training and {n_val} validation samples")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
-    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:].sort().values
+    train_idx, val_idx = holdout_indices(len(train), fraction, seed)
     if isinstance(train, ArrayDataset):
         return train.subset(train_idx), train.subset(val_idx)
     return Subset(train, train_idx.tolist()), Subset(train, val_idx.tolist())
 
 
-def load_data(cfg: Config, accelerator: Any) -> Data:
-    """Build the run's datasets. Only the main process of each node prepares files; the others wait."""
+def load_data(cfg: Config, accelerator: Any, spec: DataSpec | None = None) -> Data:
+    """Build the run's datasets. Only the main process of each node prepares files; the others wait.
+    `spec`: a trained model's (evaluate --dataset on files of the user's)."""
     name, data_dir = cfg.dataset, Path(cfg.data_dir)
-    if name in IMAGE_DATASETS:
+    val = None
+    if name.startswith(FILE_DATASETS):
+        with accelerator.local_main_process_first():
+            train, val, test, spec, warnings = load_files(cfg, spec)
+        if accelerator.is_main_process:
+            for w in warnings:
+                print(w, file=sys.stderr, flush=True)
+        if train is None:  # evaluation only
+            return Data(cfg, test, None, test, spec, accelerator.process_index, accelerator.num_processes,
+                        accelerator.device)
+    elif name in IMAGE_DATASETS:
         locate(cfg)  # every rank: fail alike before the barrier
         with accelerator.local_main_process_first():
             if accelerator.is_local_main_process:
@@ -99,16 +123,20 @@ def load_data(cfg: Config, accelerator: Any) -> Data:
             fn = import_plugin(name, "--dataset")
         with accelerator.local_main_process_first():
             train, test = _dataset_from_factory(cfg, fn)
+        raw_train = train  # (its `classes`, before any wrapping)
+        train, test = as_pairs(train, f"--dataset {name}"), as_pairs(test, f"--dataset {name} (eval set)")
         train, test = _as_array_dataset(train), _as_array_dataset(test)
         task, n_out, tshape = _target_info(train)
-        x0 = torch.as_tensor(train[0][0])
-        spec = DataSpec(task, list(x0.shape), n_out, tshape)
+        classes = _declared_classes(raw_train, name, task, n_out)
+        n_out = max(n_out, len(classes)) if classes else n_out
+        spec = DataSpec(task, list(torch.as_tensor(train[0][0]).shape), n_out, tshape, classes)
         if task == "classification" and n_out < 2:
             raise UsageError(f"--dataset {name}: classification targets need at least 2 classes, got {n_out}")
     if cfg.augment != "none" and not (isinstance(train, ArrayDataset) and len(spec.input_shape) == 3):
         raise UsageError(f"--augment {cfg.augment} applies to in-memory image datasets (built-in, or a plug-in "
                          f"returning a TensorDataset of [N, C, H, W] images); --dataset {name} is not one")
-    train, val = _split_val(train, cfg.val_fraction, cfg.seed)
+    if not name.startswith(FILE_DATASETS):  # (file datasets hold out before fitting their preprocessing)
+        train, val = _split_val(train, cfg.val_fraction, cfg.seed)
     if test is not None and len(test) == 0:
         test = None
     return Data(cfg, train, val, test, spec, accelerator.process_index, accelerator.num_processes,

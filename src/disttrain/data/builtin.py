@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from disttrain.checkpoint import apply_umask
 from disttrain.config import Config
 from disttrain.data.base import ArrayDataset, DataSpec
 from disttrain.errors import UsageError, one_line
@@ -116,6 +117,7 @@ def _prepare_image_dataset(name: str, data_dir: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         save_file({"x": x.contiguous(), "y": y}, str(tmp))
+        apply_umask(tmp)
         os.replace(tmp, out)
 
 

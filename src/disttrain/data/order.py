@@ -4,8 +4,9 @@ Two paths feed the loop with the same (x, y) batches in the same order:
 - in-memory datasets (ArrayDataset: the built-in torchvision ones, decoded once into a uint8 tensor cache,
   and the synthetic ones) are gathered by index on the device and normalised/augmented batch-wise;
 - any other dataset goes through a DataLoader whose batch sampler yields the very same index batches.
-The order always comes from a torch DistributedSampler (seed, epoch, rank, world size) and is never
-sharded a second time (we do not `accelerator.prepare()` loaders, see README "Accelerate traps").
+The order is DistributedSampler's permutation of (seed, epoch), dealt to ranks without padding (every sample
+exactly once per epoch on any world size), and is never sharded a second time (we do not
+`accelerator.prepare()` loaders, see README "Accelerate traps").
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ import math
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
 
 from disttrain.config import Config
-from disttrain.data.base import ArrayDataset, DataSpec, normalize_uint8
+from disttrain.data.base import EVAL_EPOCH, ArrayDataset, DataSpec, SeededItems, normalize_uint8
 
 class Data:
     """Train/val/eval sets of one run plus the per-rank batch order. Built by `load_data`."""
@@ -45,34 +46,51 @@ class Data:
         self._std = torch.tensor(std, device=device).view(shape) if std else None
 
     # ------------------------------------------------------------------ order
-    def sampler(self, epoch: int) -> DistributedSampler:
-        s = DistributedSampler(self.train, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                               seed=self.cfg.seed, drop_last=False)
-        s.set_epoch(epoch)
-        return s
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """All ranks' order of the training set for `epoch`: the permutation DistributedSampler draws
+        (a generator seeded with seed + epoch), but never padded to a multiple of the world size."""
+        g = torch.Generator()
+        g.manual_seed(self.cfg.seed + epoch)
+        return torch.randperm(len(self.train), generator=g)
 
-    def epoch_batches(self, epoch: int) -> list[torch.Tensor]:
-        """This rank's micro-batches of dataset indices for the epoch, in training order."""
-        idx = torch.tensor(list(self.sampler(epoch)), dtype=torch.int64)
-        return list(idx.split(self.cfg.batch_size))
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.world_size * self.cfg.grad_accum
 
     def steps_per_epoch(self) -> int:
-        per_rank = math.ceil(len(self.train) / self.world_size)
-        return math.ceil(math.ceil(per_rank / self.cfg.batch_size) / self.cfg.grad_accum)
+        """Optimizer steps per epoch: every sample exactly once, the last step takes what is left."""
+        return math.ceil(len(self.train) / self.global_batch())
+
+    def epoch_windows(self, epoch: int) -> list[tuple[list[torch.Tensor], int]]:
+        """This rank's micro-batches of dataset indices for every optimizer step of the epoch, with the step's
+        sample count over all ranks. Rank r takes positions r, r + W, r + 2W, ... of the epoch order, so
+        step s of every rank together covers positions [s*G, (s+1)*G) (G = global batch): the same samples
+        on any world size and any split into micro-batches. No padding and no dropping: in the last step a
+        rank may hold fewer samples than the others, or none (then its list of micro-batches is empty)."""
+        order, n, gb = self.epoch_order(epoch), len(self.train), self.global_batch()
+        mine = order[self.rank::self.world_size]
+        per_rank = self.cfg.batch_size * self.cfg.grad_accum
+        return [([b for b in mine[s * per_rank:(s + 1) * per_rank].split(self.cfg.batch_size) if len(b)],
+                 min(gb, n - s * gb)) for s in range(self.steps_per_epoch())]
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> list[torch.Tensor]:
+        """This rank's micro-batches of dataset indices from step `start` of the epoch, in training order;
+        a step where this rank holds no sample contributes the placeholder batch (the epoch's first sample)."""
+        placeholder = self.epoch_order(epoch)[:1]
+        return [b for w, _ in self.epoch_windows(epoch)[start:] for b in (w or [placeholder])]
 
     def train_windows(self, epoch: int, start: int = 0) -> Iterator[Window]:
-        """One Window (grad-accum micro-batches) per optimizer step, from window `start` on."""
-        k = self.cfg.grad_accum
-        batches = self.epoch_batches(epoch)
-        windows = [batches[i:i + k] for i in range(0, len(batches), k)][start:]
-        flat = [b for w in windows for b in w]
+        """One Window (grad-accum micro-batches) per optimizer step, from window `start` on. A rank with no
+        sample in a step still gets one Window: a placeholder batch (one real sample, weight 0, run in eval
+        mode) so that it joins the step's gradient all-reduce with zero gradients."""
+        windows = self.epoch_windows(epoch)[start:]
+        flat = self.epoch_batches(epoch, start)
         if self.in_memory:
             params = self._augment_params(epoch)
             batch_iter = (self._fetch(self.train, b, params) for b in flat)
         else:
-            batch_iter = self._loader_iter(flat)
-        for w in windows:
-            yield Window(batch_iter, [len(b) for b in w], self)
+            batch_iter = self._loader_iter(flat, epoch)
+        for w, n_global in windows:
+            yield Window(batch_iter, [len(b) for b in w] or [1], self, n_global, placeholder=not w)
 
     # ------------------------------------------------------------------ fetching
     def _fetch(self, ds: ArrayDataset, idx: torch.Tensor, aug: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,20 +123,20 @@ class Data:
         dev = self.train.x.device
         return (pad, shifts.to(dev) if shifts is not None else None, flips.to(dev) if flips is not None else None)
 
-    def _loader_iter(self, flat: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _loader_iter(self, flat: list[torch.Tensor], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader
 
         if self._loader is None:
             workers = self.cfg.num_workers if self.cfg.num_workers is not None else min(4, os.cpu_count() or 1)
             self._batches = _BatchList()
             self._loader = DataLoader(
-                self.train, batch_sampler=self._batches, num_workers=workers,
+                SeededItems(self.train, self.cfg.seed), batch_sampler=self._batches, num_workers=workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                 prefetch_factor=4 if workers > 0 else None,
                 generator=torch.Generator(),  # its own generator: iterators must not draw from the global RNG
                 worker_init_fn=_ignore_stop_signals,
             )
-        self._batches.batches = [b.tolist() for b in flat]
+        self._batches.batches = [[(epoch, i) for i in b.tolist()] for b in flat]
         for x, y in self._loader:
             yield self.prepare(x), y.to(self.device, non_blocking=True)
 
@@ -130,8 +148,8 @@ class Data:
         for idx in shard.split(self.cfg.eval_batch_size):
             if self.in_memory:
                 yield self._fetch(ds, idx)
-            else:
-                items = [ds[int(i)] for i in idx]
+            else:  # random draws of the dataset: a function of (seed, sample), never of the training streams
+                items = SeededItems(ds, self.cfg.seed).__getitems__([(EVAL_EPOCH, int(i)) for i in idx])
                 x = torch.stack([torch.as_tensor(a) for a, _ in items])
                 y = torch.stack([torch.as_tensor(b) for _, b in items])
                 yield self.prepare(x), y.to(self.device)
@@ -160,10 +178,17 @@ class _BatchList:
 
 
 class Window:
-    """The micro-batches of one optimizer step; `n_samples` is this rank's sample count in it."""
+    """The micro-batches of one optimizer step. `n_samples`: this rank's sample count in it; `weight`: what
+    each per-sample loss is multiplied by before backward, processes / samples in the step over all ranks,
+    so that after DDP's average over ranks every sample of the step weighs 1 / (samples in the step), on any
+    world size, micro-batching or partial last step; 0 for a placeholder (a rank with no sample here)."""
 
-    def __init__(self, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], sizes: list[int], data: Data):
-        self._it, self.sizes, self.n_samples, self._data = batch_iter, sizes, sum(sizes), data
+    def __init__(self, batch_iter: Iterator[tuple[torch.Tensor, torch.Tensor]], sizes: list[int], data: Data,
+                 n_global: int, placeholder: bool = False):
+        self._it, self.sizes, self._data = batch_iter, sizes, data
+        self.placeholder = placeholder
+        self.n_samples = 0 if placeholder else sum(sizes)
+        self.weight = 0.0 if placeholder else data.world_size / n_global
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -174,6 +199,20 @@ class Window:
             batch = next(self._it)
             self._data.wait_s += time.perf_counter() - t
             yield batch
+
+    def mode(self, model: torch.nn.Module) -> Any:
+        """Context for the forward and backward of a micro-batch: a placeholder runs in eval mode (no batch-norm
+        statistics, no dropout draws: it leaves no trace) and is weighted 0; a real one as it is."""
+        return _eval_mode(model) if self.placeholder else nullcontext()
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 def augment_batch(x: torch.Tensor, aug: Any, idx: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -17,9 +18,24 @@ from disttrain.models.vision import cnn, lenet, linear, mlp, resnet18
 BUILTIN = {"linear": linear, "mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": resnet18}
 
 def build_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
-    """A built-in model sized from the data, or `module:function(**kwargs)`."""
+    """A built-in model sized from the data, or `module:function(**kwargs)`.
+
+    Bounded before any memory is allocated (the same bounds for training and for every reader of a
+    model.json: schema.py): the data's input shape and output count, and for built-ins the parameter count,
+    counted on the meta device first. A plug-in is user code and sizes itself."""
+    from disttrain import schema
+
+    schema.check_shape(list(spec.input_shape), spec.num_outputs, f"--model {name}")
     if name in BUILTIN:
         fn, args = BUILTIN[name], {"input_shape": spec.input_shape, "num_outputs": spec.num_outputs}
+        try:
+            with torch.device("meta"):
+                n = num_parameters(fn(**args, **kwargs))
+        except Exception:  # noqa: BLE001 - reported below by the real build, with its message
+            n = 0
+        if n > schema.MAX_PARAMETERS:
+            raise UsageError(f"--model {name} with --model-kwargs {one_line(kwargs)[:200]} would have {n:,} "
+                             f"parameters, more than the {schema.MAX_PARAMETERS:,} disttrain allows")
     else:
         fn, args = import_plugin(name, "--model"), {}
     try:
@@ -43,10 +59,32 @@ def num_parameters(model: nn.Module) -> int:
 
 
 def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
-                loss_name: str) -> None:
-    """One real forward + loss before training, so a shape mismatch is reported in seconds."""
+                loss_name: str) -> list[str]:
+    """The pre-flight batch: one real forward + loss before training, so a shape mismatch is reported in
+    seconds. Runs in train mode with autograd recording (no backward), so it also finds the trainable
+    parameters the loss never reaches; returns their names. Leaves no trace on the model: it runs on a copy
+    (batch-norm statistics, `num_batches_tracked`, a model's own counters stay as they were); a model that
+    cannot be copied runs itself and gets its buffers put back. The caller keeps the RNG (train.setup).
+    UsageError naming the shapes when the model does not fit the data."""
     try:
+        probe = copy.deepcopy(model)
+    except Exception:  # noqa: BLE001 - e.g. a module holding a lock or a file: run on the model itself
+        probe = None
+    if probe is not None:
+        return _check_batch(probe, loss_fn, x, y, spec, loss_name)
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        return _check_batch(model, loss_fn, x, y, spec, loss_name)
+    finally:
         with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor, spec: DataSpec,
+                 loss_name: str) -> list[str]:
+    try:
+        with torch.enable_grad():
             out = model(x)
     except Exception as e:  # noqa: BLE001
         raise UsageError(f"--model does not accept the data: input batch of shape {list(x.shape)} "
@@ -65,3 +103,21 @@ def check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tensor
     loss = loss_fn(out.float(), y)
     if loss.shape != (len(y),):
         raise UsageError(f"--loss {loss_name} gave per-sample shape {list(loss.shape)}, expected [{len(y)}]")
+    reached = _parameters_reached(loss)
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in reached]
+
+
+def _parameters_reached(t: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors `t` depends on through autograd: the walk DDP's find_unused_parameters does
+    after every forward (torch/nn/parallel/distributed.py), done once here."""
+    seen, ids, stack = set(), set(), [t.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        var = getattr(fn, "variable", None)  # AccumulateGrad nodes hold the parameter
+        if var is not None:
+            ids.add(id(var))
+        stack.extend(f for f, _ in fn.next_functions)
+    return ids
