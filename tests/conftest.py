@@ -125,3 +125,22 @@ def fmnist_dir(tmp_path) -> Path:
 
 def cuda_only(fn):
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(pytest.mark.gpu(fn))
+
+
+# ---- run-directory readers shared by the checkpoint and resume tests
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The exported final model of a run."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl as a list of records."""
+    import json
+
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import PY, env, run, train_cmd
+from conftest import PY, bitwise_equal, env, records, run, train_cmd, weights
 from safetensors.torch import load_file
 
 from disttrain import checkpoint as ckpt
@@ -21,18 +21,6 @@ from disttrain.train import main
 # dropout makes the RNG part of the state; index-carrying data lets a plug-in record the order
 ARGS = ["--dataset", "plugins_for_tests:indexed_data", "--model", "plugins_for_tests:dropout_mlp", "--no-progress",
         "--optimizer", "adam", "--scheduler", "cosine", "--warmup-steps", "3", "--batch-size", "16"]
-
-
-def weights(run_dir):
-    return load_file(str(run_dir / "model.safetensors"))
-
-
-def bitwise_equal(a, b) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # --------------------------------------------------------------------------- round trips of every state kind

@@ -254,6 +254,14 @@ def test_table_bad_columns(diamonds, tmp_path, capsys):
     assert predict_main(["--checkpoint", str(run_dir), str(lacking), str(good)]) == 2
     cap = capsys.readouterr()
     assert "no column 'color'" in cap.err and len(cap.out.strip().splitlines()) == 2
+    # a model.json whose saved preprocessing does not fit the model is refused by every reader (one line)
+    meta_file = run_dir / "model.json"
+    meta = json.loads(meta_file.read_text())
+    meta["spec"]["preprocess"]["columns"][1]["categories"].append("Z")  # one more one-hot column than inputs
+    meta_file.write_text(json.dumps(meta))
+    assert predict_main(["--checkpoint", str(run_dir), str(good)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "columns encode 9 features but input_shape is [8]" in err[0], err
 
 
 def test_parquet_regression_and_task_override(tmp_path):

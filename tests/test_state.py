@@ -7,26 +7,13 @@ import json
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from conftest import bitwise_equal, records, weights
 
 from disttrain.train import main
 
 ARGS = ["--dataset", "plugins_for_tests:indexed_data", "--model", "plugins_for_tests:dropout_mlp", "--no-progress",
         "--batch-size", "16", "--dataset-kwargs", '{"n_train": 150}', "--save-every-steps", "3",
         "--keep-last", "100"]
-
-
-def weights(run_dir):
-    return load_file(str(run_dir / "model.safetensors"))
-
-
-def bitwise_equal(a, b) -> bool:
-    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def killed_copy(run, step: int, dest):

@@ -30,6 +30,9 @@ Optional sections (each its own peers, side by side, in the same run):
 
     python -m disttrain.bench --data-dir /tmp/fmdata [--rounds 3] [--steps 800] [--json bench.json]
     python -m disttrain.bench --models '' --multi-models '' --contention --time-to-accuracy
+
+`--workload lm` benchmarks the GPT language model instead (bench_lm.py: against a nanoGPT-style hand loop,
+tokens/s; with --recipe, validation loss and wall time of recipes/char_gpt.yaml against the hand loop).
 """
 
 from __future__ import annotations
@@ -399,7 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tta-rounds", type=int, default=1, help="rounds of the time-to-accuracy section")
     p.add_argument("--tta-target", type=float, default=0.935, help="test accuracy to reach")
     p.add_argument("--json", default=None)
+    p.add_argument("--workload", choices=("vision", "lm"), default="vision",
+                   help="vision (Fashion-MNIST, above) or lm (GPT on --corpus, bench_lm.py)")
+    p.add_argument("--corpus", default="data/shakespeare", help="lm: text file or folder")
+    p.add_argument("--block-size", type=int, default=64, help="lm: tokens per window")
+    p.add_argument("--recipe", default=None, help="lm: compare this recipe (val loss, wall time) with the hand loop")
     a = p.parse_args(argv)
+    if a.workload == "lm":
+        return _main_lm(a)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = a.threads or cores
     os.environ["DISTTRAIN_THREADS"] = str(threads)  # setup() of (c) uses the same thread count
@@ -495,6 +505,39 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.json).write_text(json.dumps({"device": str(device), "rounds": a.rounds, "steps": a.steps,
                                             "batch_size": B, "threads": threads, "extra": extra, "median": summary,
                                             "per_round": rows, "time_to_accuracy": tta}, indent=1))
+    return 0
+
+
+def _main_lm(a: argparse.Namespace) -> int:
+    from disttrain import bench_lm
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = a.threads or cores
+    os.environ["DISTTRAIN_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def rec(m: str, k: str, v: float) -> None:
+        rows.setdefault(m, {}).setdefault(k, []).append(v)
+        print(f"  {m:6s} {k:20s} {v:10.3f}", flush=True)
+
+    if a.recipe:
+        bench_lm.recipe(a.corpus, a.recipe, a.rounds, threads, rec)
+    else:
+        bench_lm.throughput(a.corpus, a.data_dir, a.rounds, a.steps, a.batch_size, a.block_size, threads,
+                            bool(a.multi_models), rec)
+    summary = {m: {k: median(v) for k, v in d.items()} for m, d in rows.items()}
+    print(f"\nmedians over {a.rounds} round(s), {threads} thread(s)"
+          + ("" if a.recipe else f", batch {a.batch_size} x block {a.block_size}, {a.steps} timed steps "
+             "(tokens/s; c/b = disttrain / hand loop, target >= 1.0; d = 2 proc x 1 thr / 1 proc x 2 thr, "
+             "target >= 0.9; ratios are medians of per-round ratios)"))
+    for m, d in summary.items():
+        for k, v in d.items():
+            print(f"  {m:6s} {k:20s} {v:10.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"workload": "lm", "rounds": a.rounds, "steps": a.steps,
+                                            "batch_size": a.batch_size, "threads": threads, "median": summary,
+                                            "per_round": rows}, indent=1))
     return 0
 
 

@@ -2,7 +2,7 @@
 
     <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
-                                       rng.safetensors  state.json  model.json  [scaler.json]  manifest.json
+                                       rng.safetensors  state.json  model.json  [scaler.json]  [ema.safetensors]  manifest.json
     <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000R-model-00001-of-00001.safetensors
                                        (one per rank: its dim-0 shards of model.<name> and optim.<name>.<state>,
                                        offsets in the safetensors header) sharding.json (tied names)
@@ -838,8 +838,9 @@ def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[st
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
-    """Weights from a model.safetensors, a run directory, or a checkpoint directory; plus model.json
-    when one is beside them (schema-checked), and the directory they came from. UsageError when unreadable."""
+    """Weights from a model.safetensors, a run directory, or a checkpoint directory (its EMA weights,
+    ema.safetensors, when the run kept an average: those were evaluated); plus model.json when one is beside
+    them (schema-checked), and the directory they came from. UsageError when unreadable."""
     from safetensors import SafetensorError
 
     from disttrain import schema
@@ -851,7 +852,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             full = read_shards_full(data)
             sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
             return with_tied(sd, data), data["model.json"], p
-        return data["model.safetensors"], data["model.json"], p
+        return data.get("ema.safetensors", data["model.safetensors"]), data["model.json"], p
     if p.is_dir():
         p = p / "model.safetensors"
     if not (p.exists() or p.is_symlink()):

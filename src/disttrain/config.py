@@ -23,7 +23,7 @@ from typing import Any
 from disttrain.errors import UsageError, one_line
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic_regression", "synthetic_classification")
-MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18")
+MODELS = ("linear", "mlp", "cnn", "lenet", "resnet18", "gpt")
 LOSSES = ("cross_entropy", "mse", "l1", "bce_with_logits")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("constant", "cosine", "onecycle", "step")
@@ -39,6 +39,7 @@ PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 # taken before plug-ins, so a plug-in module cannot be named like one of them
 FILE_DATASETS = ("imagefolder:", "csv:", "parquet:", "hf:")
 TASKS = ("auto", "classification", "regression")
+TEXT_PREFIX = "text:"  # --dataset text:PATH, a UTF-8 file or folder of files (data/text.py)
 
 # Keys a resume may change: run length, cadence, logging and where things live.
 RESUMABLE_KEYS = frozenset({
@@ -46,12 +47,13 @@ RESUMABLE_KEYS = frozenset({
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
     "shm_allreduce", "find_unused_parameters", "save_every_minutes", "sharding", "fsdp_reshard_after_forward",
+    "eval_every_steps", "early_stop_patience",
 })
 
 
 def is_plugin(value: str) -> bool:
     """`module:function` (user code), as opposed to a built-in name or a PREFIX:PATH of the user's files."""
-    return bool(PLUGIN_RE.match(value)) and not value.startswith(FILE_DATASETS)
+    return bool(PLUGIN_RE.match(value)) and not value.startswith(FILE_DATASETS + (TEXT_PREFIX,))
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -69,12 +71,14 @@ class Config:
     config: str | None = _f(None, "YAML file of the same keys (snake_case)")
     # data
     dataset: str = _f("fashion_mnist", f"built-in {', '.join(DATASETS)}; your files: "
-                                       "imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH; or module:function")
+                                       "imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH, text:PATH (UTF-8 file or "
+                                       "folder, language modelling); or module:function")
     dataset_kwargs: dict = _f({}, "JSON object of keyword arguments for the dataset factory")
     data_dir: str = _f("./data", "where datasets live")
     val_fraction: float = _f(0.0, "deterministic hold-out of the training set for validation")
     augment: str = _f("none", "batch-wise augmentation for image datasets", choices=AUGMENTS)
     num_workers: int | None = _f(None, "DataLoader workers for non-tensor datasets (auto)")
+    block_size: int = _f(64, "text datasets: tokens per training window (the model's context length)")
     image_size: str | None = _f(None, "imagefolder/hf images: resize to N or HxW pixels (default: the first "
                                       "training image's size)")
     target: str | None = _f(None, "csv/parquet/hf: the column to predict (hf default: label)")
@@ -104,6 +108,8 @@ class Config:
                                     "onecycle {pct_start, div_factor, final_div_factor}")
     warmup_steps: int = _f(0, "linear warmup, in optimizer steps")
     max_grad_norm: float | None = _f(None, "clip gradients to this global norm")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.999); "
+                               "it is what is evaluated, selected, exported (0: off)")
     # run length and batching
     epochs: int = _f(10, "number of epochs")
     max_steps: int | None = _f(None, "stop after this many optimizer steps")
@@ -129,6 +135,9 @@ class Config:
     progress: bool = _f(True, "tqdm progress bar on the main process (terminals only)")
     log_with: str | None = _f(None, "experiment tracker", choices=("tensorboard",))
     dry_run: bool = _f(False, "resolve everything, run one batch forward, write nothing")
+    eval_every_steps: int = _f(0, "also evaluate the validation set every N optimizer steps (0: epoch ends only)")
+    early_stop_patience: int = _f(0, "stop (completed) after N epoch ends without a better val_loss (or eval/train "
+                                     "loss without a val set); best/ keeps the best (0: off)")
     # failure policy
     on_nonfinite: str = _f("stop", "stop, or skip steps with a non-finite loss", choices=ON_NONFINITE)
     max_nonfinite_skips: int = _f(10, "with --on-nonfinite skip: give up after this many skips")
@@ -381,9 +390,13 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg, name)
         builtin = DATASETS if name == "dataset" else MODELS
         files = name == "dataset" and v.startswith(FILE_DATASETS) and len(v.partition(":")[2]) > 0
-        _check(v in builtin or files or bool(PLUGIN_RE.match(v)),
+        text = name == "dataset" and v.startswith(TEXT_PREFIX)
+        _check(v in builtin or files or text or bool(PLUGIN_RE.match(v)),
                f"--{name} {v!r}: unknown; expected one of {', '.join(builtin)}, "
-               f"{'imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH ' if name == 'dataset' else ''}or module:function")
+               f"{'imagefolder:DIR, csv:FILE, parquet:FILE, hf:PATH, text:PATH ' if name == 'dataset' else ''}"
+               "or module:function")
+        _check(not text or Path(v[len(TEXT_PREFIX):]).exists(),
+               f"--dataset {v}: no such file or directory {v[len(TEXT_PREFIX):]!r}")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
                           ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("task", TASKS),
@@ -392,19 +405,21 @@ def validate(cfg: Config) -> None:
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")
     positive = ("lr", "batch_size", "eval_batch_size", "epochs", "grad_accum", "log_every", "keep_last",
-                "dist_timeout", "max_nonfinite_skips")
+                "dist_timeout", "max_nonfinite_skips", "block_size")
     for name in positive:
         v = getattr(cfg, name)
         _check(v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}")
     for name in ("max_steps", "max_grad_norm"):
         v = getattr(cfg, name)
         _check(v is None or v > 0, f"--{name.replace('_', '-')} must be > 0, got {v}")
-    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed", "save_every_minutes"):
+    for name in ("momentum", "weight_decay", "warmup_steps", "save_every_steps", "seed", "save_every_minutes",
+                 "eval_every_steps", "early_stop_patience"):
         v = getattr(cfg, name)
         _check(v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
     _check(cfg.num_workers is None or cfg.num_workers >= 0,
            f"--num-workers must be >= 0, got {cfg.num_workers}")
     _check(cfg.momentum < 1, f"--momentum must be < 1, got {cfg.momentum}")
+    _check(0 <= cfg.ema_decay < 1, f"--ema-decay must be in [0, 1), got {cfg.ema_decay}")
     _check(0 <= cfg.val_fraction < 1, f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     _check(0 <= cfg.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {cfg.label_smoothing}")
     _check(not (cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0)),

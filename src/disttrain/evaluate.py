@@ -7,6 +7,7 @@ the sums are all-reduced, so the result is the same on any world size.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,15 @@ from disttrain.errors import EXIT_USAGE, UsageError, cut
 
 def evaluate(model: Any, data: Any, loss_fn: Any, acc: Any, split: str, prefix: str = "eval",
              confusion: bool = False) -> dict[str, Any]:
-    """{prefix}_loss (exact sample mean) and, for classification, {prefix}_accuracy."""
+    """{prefix}_loss (exact sample mean; per token for text, every window having the same number of tokens)
+    and, for classification, {prefix}_accuracy (per token for text); for text also {prefix}_perplexity
+    = exp(loss) and {prefix}_bits_per_char = loss / ln 2 (the loss is in nats per character)."""
     net = acc.unwrap_model(model)  # no DDP collectives inside: ranks may have different batch counts
     sync_buffers(acc, net)  # every rank evaluates the model a checkpoint holds (rank 0's BN statistics)
     net.eval()
     classes = data.spec.num_outputs if data.spec.task == "classification" else 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-    counts = torch.zeros(2, dtype=torch.float64, device=acc.device)  # samples, correct
+    counts = torch.zeros(3, dtype=torch.float64, device=acc.device)  # samples, correct, targets
     cm = torch.zeros(classes, classes, dtype=torch.int64, device=acc.device) if confusion and classes else None
     with torch.inference_mode(), acc.autocast():
         for x, y in data.eval_batches(split):
@@ -33,17 +36,21 @@ def evaluate(model: Any, data: Any, loss_fn: Any, acc: Any, split: str, prefix: 
             loss_sum += loss_fn(out.float(), y).sum(dtype=torch.float64)
             counts[0] += len(y)
             if classes:
-                pred = out.argmax(1)
+                pred = out.argmax(-1)
                 counts[1] += (pred == y).sum()
-                if cm is not None:
+                counts[2] += y.numel()
+                if cm is not None and y.ndim == 1:
                     cm += torch.bincount(y * classes + pred, minlength=classes * classes).view(classes, classes)
     net.train()
     loss_sum, counts = acc.reduce(loss_sum, "sum"), acc.reduce(counts, "sum")
     n = max(1.0, float(counts[0]))
     out_d: dict[str, Any] = {f"{prefix}_loss": float(loss_sum) / n}
     if classes:
-        out_d[f"{prefix}_accuracy"] = float(counts[1]) / n
-    if cm is not None:
+        out_d[f"{prefix}_accuracy"] = float(counts[1]) / max(1.0, float(counts[2]))
+    if data.spec.vocab:
+        out_d[f"{prefix}_perplexity"] = math.exp(min(out_d[f"{prefix}_loss"], 700.0))
+        out_d[f"{prefix}_bits_per_char"] = out_d[f"{prefix}_loss"] / math.log(2)
+    if cm is not None and not data.spec.vocab:
         out_d["confusion_matrix"] = acc.reduce(cm, "sum").cpu().tolist()
     return out_d
 
@@ -145,8 +152,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if (data.val if args.split == "val" else data.test) is None:
         raise UsageError(f"--split {args.split}: this run has no {args.split} set")
     loss_fn = build_loss(cfg, data.spec.task)
-    res = evaluate(model, data, loss_fn, acc, args.split, prefix="eval", confusion=True)
-    if data.spec.task == "classification":
+    res = evaluate(model, data, loss_fn, acc, args.split, prefix="eval", confusion=not data.spec.vocab)
+    if data.spec.task == "classification" and not data.spec.vocab:
         cm = torch.tensor(res["confusion_matrix"])
         per = (cm.diag().float() / cm.sum(1).clamp(min=1).float()).tolist()
         names = data.spec.classes or [str(i) for i in range(len(per))]
@@ -161,6 +168,10 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_report(res: dict[str, Any]) -> str:
     lines = [f"loss {res['eval_loss']:.6f}"]
+    if "eval_perplexity" in res:  # text: per-token loss, perplexity, bits per character, token accuracy
+        lines[0] += (f" per token  perplexity {res['eval_perplexity']:.4f}  bits/char {res['eval_bits_per_char']:.4f}"
+                     f"  accuracy {res['eval_accuracy']:.4f}  ({res['samples']} windows)")
+        return lines[0]
     if "eval_accuracy" in res:
         lines[0] += f"  accuracy {res['eval_accuracy']:.4f}  ({res['samples']} samples)"
         width = max(len(c) for c in res["classes"])

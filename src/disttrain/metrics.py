@@ -82,15 +82,18 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def step_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, loss: float, lr: float,
-              samples_per_sec: float, data_wait: float) -> str:
+              samples_per_sec: float, data_wait: float, tokens_per_sec: float | None = None) -> str:
+    tokens = f" {tokens_per_sec:.0f} tokens/s" if tokens_per_sec is not None else ""
     return (f"Epoch [{epoch}/{epochs}] Step [{step_in_epoch}/{steps_per_epoch}] loss {loss:.4f} lr {lr:.3g} "
-            f"{samples_per_sec:.0f} samples/s data-wait {100 * data_wait:.0f}%")
+            f"{samples_per_sec:.0f} samples/s{tokens} data-wait {100 * data_wait:.0f}%")
 
 
 def epoch_line(rec: dict[str, Any], epochs: int) -> str:
     parts = [f"Epoch [{rec['epoch']}/{epochs}] done: step {rec['step']}", f"train_loss {rec['train_loss']:.4f}"]
-    for k in ("val_loss", "val_accuracy", "eval_loss", "eval_accuracy"):
+    for k in ("val_loss", "val_accuracy", "val_perplexity", "val_bits_per_char", "eval_loss", "eval_accuracy",
+              "eval_perplexity", "eval_bits_per_char"):
         if k in rec:
             parts.append(f"{k} {rec[k]:.4f}")
-    parts.append(f"{rec['samples_per_sec']:.0f} samples/s, {rec['elapsed_s']:.1f} s")
+    tokens = f", {rec['tokens_per_sec']:.0f} tokens/s" if "tokens_per_sec" in rec else ""
+    parts.append(f"{rec['samples_per_sec']:.0f} samples/s{tokens}, {rec['elapsed_s']:.1f} s")
     return ", ".join(parts)

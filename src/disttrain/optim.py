@@ -37,6 +37,12 @@ def build_loss(cfg: Config, task: str) -> LossFn:
     smoothing = cfg.label_smoothing
 
     def per_sample(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if name == "cross_entropy" and out.ndim == 3:  # sequences [B, T, C], targets [B, T]: per-token
+            # losses, averaged per sample; every window has T tokens, so the loop's per-sample weighting is
+            # exactly the per-token mean on any world size and accumulation
+            tok = nn.functional.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none",
+                                              label_smoothing=smoothing)
+            return tok.view(y.shape).mean(1)
         if name == "cross_entropy":
             return nn.functional.cross_entropy(out, y, reduction="none", label_smoothing=smoothing)
         y = y.reshape(out.shape).to(out.dtype)
@@ -47,12 +53,27 @@ def build_loss(cfg: Config, task: str) -> LossFn:
     return per_sample
 
 
+def param_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: parameters with 2 or more dimensions (linear and conv weights, and
+    embeddings) decay; biases and norm weights/offsets (1-D) do not. As nanoGPT's configure_optimizers
+    (and GPT-2/timm) do: decaying a norm's scale or a bias only shrinks it towards a value it has no reason
+    to prefer. Embeddings decay: in the GPT the token embedding is also the output projection (tied), a
+    matrix of a matmul like any other. One group when there is no decay (the optimizer state is the same)."""
+    if not weight_decay:
+        return [{"params": params}]
+    decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW over `param_groups` (weight decay on matrices only)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UsageError(f"--model {cfg.model} has no trainable parameters")
+    groups = param_groups(params, cfg.weight_decay)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                nesterov=cfg.nesterov)
     if cfg.momentum:
         raise UsageError(f"--momentum {cfg.momentum} applies to --optimizer sgd only, got {cfg.optimizer}")
@@ -60,7 +81,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     # the fused kernel (one pass over each parameter) is ~5-10% of a cnn step faster on CPU than foreach
     # (docs/performance.md); it takes float parameters on CPU or CUDA only
     fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:

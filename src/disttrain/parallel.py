@@ -60,6 +60,9 @@ def resolve_sharding(cfg: Config) -> str:
         if cfg.mixed_precision == "fp16":
             raise UsageError("--sharding fsdp with --mixed-precision fp16 is not supported (FSDP2 would need a "
                              "sharded gradient scaler); use --mixed-precision bf16")
+        if cfg.ema_decay:
+            raise UsageError("--sharding fsdp with --ema-decay is not supported yet (the average would have to be "
+                             "sharded like the weights); use DDP (--sharding none) for EMA")
         if cfg.sync_batchnorm:
             raise UsageError("--sharding fsdp with --sync-batchnorm is not supported; batch-norm statistics stay "
                              "per process")

@@ -3,7 +3,7 @@
 Inputs are image files and folders (searched recursively for the extensions torchvision's ImageFolder
 reads) for image models, and CSV/Parquet files (one prediction per row) for table models. Every input gets
 exactly the training transform, read from model.json:
-- images: `data.images.decode` (torchvision decoding, alpha dropped, converted to the model's channels,
+- images: `data.images.decode` (Pillow decoding, alpha dropped, converted to the model's channels,
   antialiased bilinear resize to its input size; the same function that fills the imagefolder cache), then
   `data.normalize_uint8` with the run's mean/std, the function training and evaluation use;
 - tables: `data.tables.features`, the saved standardisation and one-hot categories (unseen values: zeros).
@@ -55,7 +55,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
-    """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint."""
+    """(model in eval mode on CPU/GPU, DataSpec, model.json) of a model predict can feed (images, table rows)."""
+    net, spec, meta = load_saved_model(checkpoint, model, trust_plugins)
+    if spec.vocab:
+        raise UsageError(f"--checkpoint {checkpoint}: a language model; use python -m disttrain.generate")
+    if _kind(spec) == "image":
+        if spec.task != "classification":
+            raise UsageError(f"--checkpoint {checkpoint}: a {spec.task} model of images; predict classifies images")
+    elif _kind(spec) is None:
+        raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, neither "
+                         "1- or 3-channel images [C, H, W] nor a table's rows")
+    return net, spec, meta
+
+
+def load_saved_model(checkpoint: str, model: str | None = None, trust_plugins: bool = False) -> tuple[Any, Any, dict]:
+    """(model in eval mode on CPU/GPU, DataSpec, model.json) from a run dir, model file or checkpoint;
+    any kind of model (predict and generate share it)."""
     from disttrain import checkpoint as ckpt
     from disttrain import schema
     from disttrain.config import is_plugin
@@ -70,12 +85,6 @@ def load_model(checkpoint: str, model: str | None = None, trust_plugins: bool = 
         raise UsageError(f"the saved model is the plug-in {name}: importing it runs its code; pass --trust-plugins "
                          "or --model to allow it")
     spec = DataSpec(**meta["spec"])
-    if _kind(spec) == "image":
-        if spec.task != "classification":
-            raise UsageError(f"--checkpoint {checkpoint}: a {spec.task} model of images; predict classifies images")
-    elif _kind(spec) is None:
-        raise UsageError(f"--checkpoint {checkpoint}: the model takes inputs of shape {spec.input_shape}, neither "
-                         "1- or 3-channel images [C, H, W] nor a table's rows")
     net = build_model(name, meta.get("model_kwargs") or {}, spec)
     schema.check_weights_fit(net, sd, f"--checkpoint {checkpoint}")
     net.load_state_dict(sd)
@@ -101,8 +110,8 @@ def read_image(path: str | Path, input_shape: list[int]) -> torch.Tensor:
     c, h, w = input_shape
     try:
         return decode(path, c, (h, w))
-    except ImageError as e:
-        raise UsageError(f"{path}: {e}") from None
+    except ImageError as e:  # (safe_io's reasons already start with the path)
+        raise UsageError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
 def preprocess(images: torch.Tensor, spec: Any, device: torch.device) -> torch.Tensor:

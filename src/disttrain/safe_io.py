@@ -46,11 +46,13 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644, follow: bool = False) -> int:
     """A file descriptor for `path`, which must be a regular file and not a link (its parent folders may be
-    links: a run directory may live under a symlinked scratch space). Raises UnsafeInput or OSError."""
+    links: a run directory may live under a symlinked scratch space). `follow=True` accepts a link to a
+    regular file: for the user's own data (a dataset of symlinked images), never for run-directory files.
+    Raises UnsafeInput or OSError."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+        fd = os.open(path, flags | (0 if follow else os.O_NOFOLLOW) | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as e:
         if e.errno == 40:  # ELOOP: the last component is a symbolic link
             raise UnsafeInput(f"{path}: is a symbolic link; disttrain does not follow links") from None
@@ -66,10 +68,10 @@ def open_regular(path: str | Path, flags: int = os.O_RDONLY, mode: int = 0o644) 
     return fd
 
 
-def read_bytes(path: str | Path, limit: int) -> bytes:
+def read_bytes(path: str | Path, limit: int, follow: bool = False) -> bytes:
     """The whole of a regular file of at most `limit` bytes. UnsafeInput if it is larger or not regular;
-    FileNotFoundError if it is missing."""
-    fd = open_regular(path)
+    FileNotFoundError if it is missing. `follow`: see open_regular."""
+    fd = open_regular(path, follow=follow)
     try:
         size = os.fstat(fd).st_size
         if size > limit:

@@ -24,7 +24,7 @@ MAX_OUTPUTS = 1_000_000  # classes, or target values per sample
 MAX_DIMS = 8
 TASKS = ("classification", "regression")
 MODEL_META_KEYS = {"model", "model_kwargs", "dataset", "loss", "spec", "channels_last"}
-SPEC_KEYS = {"task", "input_shape", "num_outputs", "target_shape", "classes", "mean", "std", "preprocess"}
+SPEC_KEYS = {"task", "input_shape", "num_outputs", "target_shape", "classes", "mean", "std", "preprocess", "vocab"}
 # Position fields (train.Position): which must be there, and their types
 POSITION_INTS = ("epoch", "window", "step", "epoch_count", "nonfinite_skips", "resumes", "checkpoints",
                  "metrics_lines")
@@ -82,6 +82,10 @@ def check_spec(spec: Any, what: str) -> None:
         if v is not None and not (isinstance(v, list) and len(v) == spec["input_shape"][0]
                                   and all(_is_num(x) for x in v) and (k == "mean" or all(x > 0 for x in v))):
             raise _fail(what, f"spec {k} {v!r} must be one finite number per channel{' (> 0)' if k == 'std' else ''}")
+    vocab = spec.get("vocab")  # text datasets: one string (a character) per token id
+    if vocab is not None and not (isinstance(vocab, list) and len(vocab) == spec["num_outputs"]
+                                  and all(isinstance(c, str) and 0 < len(c) <= 8 for c in vocab)):
+        raise _fail(what, f"spec vocab must be {spec['num_outputs']} strings of 1-8 characters")
     check_preprocess(spec, what)
 
 

@@ -49,6 +49,8 @@ class Position:
     resumes: int = 0
     checkpoints: int = 0
     last_lr: float = 0.0
+    epochs_since_best: int = 0  # --early-stop-patience: epoch ends in a row without a better selection metric
+    early_stopped: bool = False
     interval: dict[str, float] | None = None  # the open step-line interval (all-rank loss sum, samples,
     #                                            steps, seconds) when saved mid-epoch; used once on resume
 
@@ -135,6 +137,8 @@ def checkpoint_files(r: Run, rng: dict[str, torch.Tensor], position: dict[str, A
     }
     if getattr(r.acc, "scaler", None) is not None:
         files["scaler.json"] = r.acc.scaler.state_dict()
+    if r.ema is not None:  # --ema-decay: the averaged weights (checkpoint.load_weights prefers them)
+        files["ema.safetensors"] = r.ema.state_dict()
     return files
 
 
@@ -147,13 +151,17 @@ def position_dict(pos: Position, **override: Any) -> dict[str, Any]:
 
 
 def restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: torch.nn.Module, optimizer: Any,
-            scheduler: Any, source: Any) -> Position:
-    """Model and optimizer (through `par`, either layout, any world size), scheduler, grad scaler, this
-    rank's RNG streams and the position, into the wrapped model and prepared optimizer."""
+            scheduler: Any, source: Any, ema: Any = None) -> Position:
+    """Model and optimizer (through `par`, either layout, any world size), EMA weights, scheduler, grad
+    scaler, this rank's RNG streams and the position, into the wrapped model and prepared optimizer."""
     state = saved["state.json"]
     pos = Position.from_saved(state["position"])
     pos.resumes += 1
     par.load_state(model, optimizer, saved, f"checkpoint {source}")
+    if ema is not None:
+        if "ema.safetensors" not in saved:
+            raise UsageError("--resume: the checkpoint has no EMA weights (ema.safetensors) but --ema-decay is set")
+        ema.load_state_dict(saved["ema.safetensors"])
     if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(saved["scaler.json"])
     scheduler.load_state_dict(saved["scheduler.json"])

@@ -28,6 +28,7 @@ from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str,
                                    set_threads, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               cut, one_line)
+from disttrain.ema import EMA, averaged
 from disttrain.evaluate import evaluate
 from disttrain.launch import report_refusal
 from disttrain.metrics import MetricsLog, epoch_line, step_line
@@ -71,6 +72,7 @@ class Run:
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
     bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
+    ema: EMA | None = None  # --ema-decay
 
     @property
     def epochs(self) -> int:
@@ -138,7 +140,7 @@ def train(r: Run) -> None:
     # wrapped optimizer itself unless the wrapper has real work (an fp16 grad scaler, XLA)
     opt = optimizer.optimizer if (hasattr(optimizer, "optimizer") and getattr(acc, "scaler", None) is None
                                   and acc.distributed_type != "XLA") else optimizer
-    while pos.epoch < cfg.epochs and pos.step < r.total_steps:
+    while pos.epoch < cfg.epochs and pos.step < r.total_steps and not pos.early_stopped:
         meter, r.save_s = Meter(acc.device, data.wait_s, pos.interval, acc.is_main_process), 0.0
         pos.interval = None
         model.train()
@@ -163,6 +165,8 @@ def train(r: Run) -> None:
                     r.par.clip(model, cfg.max_grad_norm)  # the full model's norm, sharded or not
                 pos.last_lr = opt.param_groups[0]["lr"]
                 opt.step()
+                if r.ema is not None:  # --ema-decay: fold the new weights into the average
+                    r.ema.update()
             r.scheduler.step()
             pos.step, pos.window = pos.step + 1, pos.window + 1
             r.progress.mark(pos.step)
@@ -183,6 +187,8 @@ def train(r: Run) -> None:
                 _save(r, meter)
                 raise Interrupted(r.stop.received or "a signal on another rank")
             last = pos.window == steps_per_epoch or pos.step >= r.total_steps
+            if cfg.eval_every_steps and pos.step % cfg.eval_every_steps == 0 and not last:
+                _eval_line(r, meter)
             if (save_due or cfg.save_every_steps and pos.step % cfg.save_every_steps == 0) and not last:
                 _save(r, meter)
             if pos.step >= r.total_steps:
@@ -207,11 +213,13 @@ def _end_epoch(r: Run, meter: Meter) -> None:
                            "train_loss": pos.epoch_loss / max(1, pos.epoch_count)}
     for split in ("val", "eval"):
         if (r.data.val if split == "val" else r.data.test) is not None:
-            with r.par.unsharded(r.model):
+            with r.par.unsharded(r.model), averaged(r.ema):  # --ema-decay: the averaged weights are evaluated
                 rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
                                     prefix=split))
     rec["lr"] = pos.last_lr
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
+    if r.data.spec.vocab:
+        rec["tokens_per_sec"] = rec["samples_per_sec"] * r.data.spec.input_shape[0]
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
     say(r.acc, epoch_line(rec, r.epochs))
@@ -222,9 +230,41 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     improved = pos.best is None or rec[key] < pos.best["value"]
     if improved:
         pos.best = {"metric": key, "value": rec[key], "step": pos.step, "epoch": rec["epoch"]}
+    _early_stop(r, improved)
     path = _save(r, meter)
     if improved and r.acc.is_main_process:
         ckpt.save_best(r.rundir, path, pos.best)
+
+
+def _early_stop(r: Run, improved: bool) -> None:
+    """--early-stop-patience N: after N epoch ends in a row without a better selection metric the loop ends
+    (the run completes; best/ holds the best checkpoint). The count is in the checkpoint: a resume goes on
+    counting, and a resume of a stopped run stops at once."""
+    pos, patience = r.pos, r.cfg.early_stop_patience
+    pos.epochs_since_best = 0 if improved else pos.epochs_since_best + 1
+    if patience and pos.epochs_since_best >= patience:
+        pos.early_stopped = True
+        r.metrics.write({"kind": "early_stop", "step": pos.step, "epoch": pos.epoch, "best": pos.best})
+        say(r.acc, f"early stop: no better {pos.best['metric']} for {patience} epoch(s); best "
+                   f"{pos.best['value']:.4f} at epoch {pos.best['epoch']} (step {pos.best['step']}) is in "
+                   f"{r.rundir.best}")
+
+
+def _eval_line(r: Run, meter: Meter) -> None:
+    """--eval-every-steps: evaluate the validation set inside an epoch (a "kind": "eval" line); its time is
+    left out of the throughput figures. Selection of the best checkpoint stays at epoch ends."""
+    if r.data.val is None:
+        return
+    t = time.perf_counter()
+    rec: dict[str, Any] = {"kind": "eval", "epoch": r.pos.epoch + 1, "step": r.pos.step}
+    with averaged(r.ema):
+        rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val", prefix="val"))
+    rec["elapsed_s"] = _elapsed(r)
+    r.metrics.write(rec)
+    say(r.acc, f"step {r.pos.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
+    dt = time.perf_counter() - t
+    r.save_s += dt
+    meter.t_interval += dt
 
 
 def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
@@ -236,13 +276,15 @@ def _log_step(r: Run, meter: Meter, steps_per_epoch: int) -> None:
     rec = {"kind": "step", "epoch": r.pos.epoch + 1, "step": r.pos.step, "train_loss": s / max(1, n),
            "lr": r.pos.last_lr, "samples_per_sec": n / dt, "step_time_s": dt / max(1, meter.steps_interval),
            "data_wait_fraction": wait}
+    if r.data.spec.vocab:  # text: windows of block_size tokens
+        rec["tokens_per_sec"] = rec["samples_per_sec"] * r.data.spec.input_shape[0]
     meter.interval_sum.zero_()
     meter.n_interval = meter.steps_interval = 0
     meter.t_interval, meter.wait_start = now, r.data.wait_s
     r.metrics.write(rec)
     if not _bar_active(r):
         say(r.acc, step_line(rec["epoch"], r.epochs, r.pos.window, steps_per_epoch, rec["train_loss"],
-                              rec["lr"], rec["samples_per_sec"], wait))
+                              rec["lr"], rec["samples_per_sec"], wait, rec.get("tokens_per_sec")))
 
 
 def _skip_nonfinite(r: Run, window_loss: torch.Tensor) -> bool:
@@ -470,8 +512,9 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     scheduler = build_scheduler(cfg, optimizer, total)
     optimizer = par.prepare_optimizer(optimizer)
     pos = Position()
+    ema = EMA(par.unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     if saved is not None:
-        pos = restore(saved, cfg, acc, par, model, optimizer, scheduler, source)
+        pos = restore(saved, cfg, acc, par, model, optimizer, scheduler, source, ema)
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0,
@@ -486,7 +529,7 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
         say(acc, restart_line(restart))
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
                total, meta, Progress(rundir.progress, acc.is_main_process),
-               SaveClock(cfg.save_every_minutes, acc.is_main_process), par=par, attempt_start=started)
+               SaveClock(cfg.save_every_minutes, acc.is_main_process), par=par, attempt_start=started, ema=ema)
 
 
 def _earlier_metrics(rundir: ckpt.RunDir, source: ckpt.Path | None) -> ckpt.Path | None:
@@ -535,7 +578,8 @@ def finish(r: Run) -> None:
         if r.acc.is_main_process:
             full[name] = tensor
     if r.acc.is_main_process:
-        ckpt.export_model(r.rundir, full, r.model_meta)
+        # with --ema-decay the averaged weights (those evaluated) are the model
+        ckpt.export_model(r.rundir, r.ema.state_dict() if r.ema is not None else full, r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
     write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()

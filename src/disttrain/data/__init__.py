@@ -3,6 +3,7 @@
 - base.py: DataSpec (saved with the model), ArrayDataset (the in-memory fast path), normalisation, plug-ins
 - builtin.py: torchvision's Fashion-MNIST, MNIST, CIFAR-10 (uint8 tensor cache)
 - synthetic.py: generated regression/classification sets
+- text.py: text:PATH, character-level language-model windows (uint8/uint16 token cache)
 - images.py, tables.py, hf.py: the user's own files (imagefolder:DIR, csv:FILE / parquet:FILE, hf:PATH)
 - order.py: the per-rank order (one DistributedSampler) and the batches that follow it
 """
@@ -17,12 +18,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from disttrain.config import FILE_DATASETS, Config
+from disttrain.config import FILE_DATASETS, TEXT_PREFIX, Config
 from disttrain.data.base import ArrayDataset, DataSpec, as_pairs, holdout_indices, import_plugin, normalize_uint8
 from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset, locate
 from disttrain.data.files import load_files
 from disttrain.data.order import Data, Window, augment_batch
 from disttrain.data.synthetic import synthetic_classification, synthetic_regression
+from disttrain.data.text import load_text
 from disttrain.errors import UsageError, one_line
 
 __all__ = ["ArrayDataset", "Data", "DataSpec", "IMAGE_DATASETS", "Window", "augment_batch", "import_plugin",
@@ -98,6 +100,10 @@ def load_data(cfg: Config, accelerator: Any, spec: DataSpec | None = None) -> Da
     """Build the run's datasets. Only the main process of each node prepares files; the others wait.
     `spec`: a trained model's (evaluate --dataset on files of the user's)."""
     name, data_dir = cfg.dataset, Path(cfg.data_dir)
+    if name.startswith(TEXT_PREFIX):  # split by position, not by _split_val's random hold-out
+        train, val, spec = load_text(cfg, accelerator)
+        return Data(cfg, train, val, None, spec, accelerator.process_index, accelerator.num_processes,
+                    accelerator.device)
     val = None
     if name.startswith(FILE_DATASETS):
         with accelerator.local_main_process_first():

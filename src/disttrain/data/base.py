@@ -28,6 +28,7 @@ class DataSpec:
     classes: list[str] | None = None
     mean: list[float] | None = None  # set for uint8 images: x/255, then (x - mean) / std
     std: list[float] | None = None
+    vocab: list[str] | None = None  # text datasets: the string of each token id (data/text.py)
     # how raw inputs become model inputs, for data read from files (images.py, tables.py): saved in model.json
     # so that evaluate and predict apply exactly the training transform; None for built-in and plug-in sets
     preprocess: dict[str, Any] | None = None

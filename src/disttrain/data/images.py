@@ -51,8 +51,8 @@ def decode(path: str | Path, channels: int | None = None, size: tuple[int, int] 
     from disttrain.safe_io import UnsafeInput, read_bytes
 
     p = Path(path)
-    try:  # a regular file only (never a link, FIFO or device), at most MAX_FILE_BYTES
-        data = read_bytes(p, MAX_FILE_BYTES)
+    try:  # a regular file only (never a FIFO or device), at most MAX_FILE_BYTES; the user's own data may
+        data = read_bytes(p, MAX_FILE_BYTES, follow=True)  # be links to image files (docs/security.md)
     except FileNotFoundError:
         raise ImageError("no such file") from None
     except UnsafeInput as e:  # (its message starts with the path; ours are read after the path)

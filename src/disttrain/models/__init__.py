@@ -1,6 +1,7 @@
 """Models: one module per family, `build_model` (built-ins and plug-ins) and the pre-flight batch check.
 
 - vision.py: linear, mlp, cnn, lenet, resnet18
+- gpt.py: gpt, a decoder-only transformer language model (nanoGPT)
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from torch import nn
 
 from disttrain.data import DataSpec, import_plugin
 from disttrain.errors import UsageError, one_line
+from disttrain.models.gpt import gpt
 from disttrain.models.vision import cnn, lenet, linear, mlp, resnet18
 
-BUILTIN = {"linear": linear, "mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": resnet18}
+BUILTIN = {"linear": linear, "mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": resnet18, "gpt": gpt}
 
 def build_model(name: str, kwargs: dict[str, Any], spec: DataSpec) -> nn.Module:
     """A built-in model sized from the data, or `module:function(**kwargs)`.
@@ -92,11 +94,12 @@ def _check_batch(model: nn.Module, loss_fn: Any, x: torch.Tensor, y: torch.Tenso
     if not isinstance(out, torch.Tensor):
         raise UsageError(f"--model must return a tensor, got {type(out).__name__}")
     if loss_name == "cross_entropy":
-        if y.is_floating_point() or out.ndim != 2 or out.shape[0] != len(y):
-            raise UsageError(f"--loss cross_entropy needs integer class targets of shape [batch] and outputs "
-                             f"[batch, classes]; got targets {list(y.shape)} {y.dtype} and outputs {list(out.shape)}")
-        if out.shape[1] < spec.num_outputs:
-            raise UsageError(f"model outputs {out.shape[1]} classes but the targets have {spec.num_outputs}")
+        if y.is_floating_point() or y.ndim not in (1, 2) or out.ndim != y.ndim + 1 or out.shape[:-1] != y.shape:
+            raise UsageError(f"--loss cross_entropy needs integer class targets of shape [batch] (or [batch, tokens]) "
+                             f"and outputs [batch, classes] (or [batch, tokens, classes]); got targets "
+                             f"{list(y.shape)} {y.dtype} and outputs {list(out.shape)}")
+        if out.shape[-1] < spec.num_outputs:
+            raise UsageError(f"model outputs {out.shape[-1]} classes but the targets have {spec.num_outputs}")
     elif out.shape != y.shape and not (out.numel() == y.numel() and out.shape[0] == y.shape[0]):
         raise UsageError(f"--loss {loss_name}: model output shape {list(out.shape)} does not fit target shape "
                          f"{list(y.shape)}")
