@@ -153,14 +153,19 @@ def _flags(name: str, data_dir: str, out: str, steps: int, batch: int) -> list[s
 
 def bench_disttrain(name: str, data_dir: str, steps: int, batch: int, extra: list[str]) -> float:
     """(c) disttrain's own setup() + train(), in this process; its metrics.jsonl gives the throughput."""
+    return run_disttrain(lambda tmp: _flags(name, data_dir, tmp, steps, batch) + extra)
+
+
+def run_disttrain(flags: Any) -> float:
+    """disttrain's own setup() + train() in this process, for `flags(tmp_dir)`: steady samples/s from its
+    metrics.jsonl (the benchmark's c column; bench_lm's disttrain side)."""
     from disttrain.config import parse_config
     from disttrain.distributed import StopSignal
     from disttrain.train import setup, train
 
     _reset_accelerate()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = parse_config(_flags(name, data_dir, tmp, steps, batch) + extra)
-        r = setup(cfg, StopSignal())
+        r = setup(parse_config(flags(tmp)), StopSignal())
         r.data.test = r.data.val = None  # the epoch-end evaluation is not part of the step being timed
         try:
             train(r)

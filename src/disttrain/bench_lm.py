@@ -117,21 +117,9 @@ def _flags(corpus: str, data_dir: str, out: str, steps: int, batch: int, block: 
 
 def bench_disttrain(corpus: str, data_dir: str, steps: int, batch: int, block: int) -> float:
     """disttrain's setup() + train() in this process; tokens/s from its metrics.jsonl step lines."""
-    from disttrain.bench import _reset_accelerate, _steady
-    from disttrain.config import parse_config
-    from disttrain.distributed import StopSignal
-    from disttrain.train import setup, train
+    from disttrain.bench import run_disttrain
 
-    _reset_accelerate()
-    with tempfile.TemporaryDirectory() as tmp:
-        r = setup(parse_config(_flags(corpus, data_dir, tmp, steps, batch, block)), StopSignal())
-        r.data.test = r.data.val = None  # the epoch-end evaluation is not part of the step being timed
-        try:
-            train(r)
-        finally:
-            r.metrics.close()
-            r.rundir.unlock()
-        return _steady(Path(tmp) / "metrics.jsonl")[0] * block
+    return run_disttrain(lambda tmp: _flags(corpus, data_dir, tmp, steps, batch, block)) * block
 
 
 def _port() -> int:
