@@ -92,7 +92,7 @@ def _reset_accelerate() -> None:
 
 def _short_run(fmnist_dir: Path, out: Path, wrap: bool) -> dict[str, torch.Tensor]:
     from disttrain.distributed import StopSignal
-    from disttrain.train import finish, setup, train
+    from disttrain.train import finish, release, setup, train
 
     _reset_accelerate()
     cfg = _cfg(fmnist_dir, "--model", "cnn", "--model-kwargs", '{"width": 8}', "--batch-size", "32", "--epochs",
@@ -105,8 +105,7 @@ def _short_run(fmnist_dir: Path, out: Path, wrap: bool) -> dict[str, torch.Tenso
         train(r)
         finish(r)
     finally:
-        r.metrics.close()
-        r.rundir.unlock()
+        release(r)
     return {k: v.detach().clone() for k, v in r.acc.unwrap_model(r.model).state_dict().items()}
 
 

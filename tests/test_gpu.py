@@ -40,14 +40,13 @@ def _setup(tmp_path: Path, fmnist_dir: Path, *extra: str):
 
 
 def _train(r) -> list[dict]:
-    from disttrain.train import finish, train
+    from disttrain.train import finish, release, train
 
     try:
         train(r)
         finish(r)
     finally:
-        r.metrics.close()
-        r.rundir.unlock()
+        release(r)
     return [json.loads(s) for s in (r.rundir.path / "metrics.jsonl").read_text().splitlines()]
 
 

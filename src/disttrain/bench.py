@@ -161,7 +161,7 @@ def run_disttrain(flags: Any) -> float:
     metrics.jsonl (the benchmark's c column; bench_lm's disttrain side)."""
     from disttrain.config import parse_config
     from disttrain.distributed import StopSignal
-    from disttrain.train import setup, train
+    from disttrain.train import release, setup, train
 
     _reset_accelerate()
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,8 +170,7 @@ def run_disttrain(flags: Any) -> float:
         try:
             train(r)
         finally:
-            r.metrics.close()
-            r.rundir.unlock()
+            release(r)
         return _steady(Path(tmp) / "metrics.jsonl")[0]
 
 
@@ -308,7 +307,7 @@ def tta_recipe(data_dir: str, target: float) -> dict[str, Any]:
     epoch-end test accuracy first reaches `target` (setup, evaluation and checkpoints included)."""
     from disttrain.config import parse_config
     from disttrain.distributed import StopSignal
-    from disttrain.train import setup, train
+    from disttrain.train import release, setup, train
 
     _reset_accelerate()
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,8 +318,7 @@ def tta_recipe(data_dir: str, target: float) -> dict[str, Any]:
         try:
             train(r)
         finally:
-            r.metrics.close()
-            r.rundir.unlock()
+            release(r)
         lines = [json.loads(s) for s in (Path(tmp) / "metrics.jsonl").read_text().splitlines() if s.strip()]
         curve = [(r.attempt_start - t0 + d["elapsed_s"], d["eval_accuracy"]) for d in lines if d["kind"] == "epoch"]
         return _tta(curve, target) | {"precision": cfg.mixed_precision}

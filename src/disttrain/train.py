@@ -644,12 +644,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     finally:
         if r is not None:
-            r.metrics.close()
-            r.progress.close()
-            if r.cfg.log_with and r.acc.is_main_process:
-                for t in r.acc.trackers:  # not end_training(): that also tears down the process group
-                    t.finish()
-            r.rundir.unlock()
+            release(r)
+
+
+def release(r: Run) -> None:
+    """Close what setup() opened (metrics, progress marker, trackers) and drop the run directory's lock;
+    main() and in-process callers (benchmarks, tests) end every run with it."""
+    r.metrics.close()
+    r.progress.close()
+    if r.cfg.log_with and r.acc.is_main_process:
+        for t in r.acc.trackers:  # not end_training(): that also tears down the process group
+            t.finish()
+    r.rundir.unlock()
 
 
 @record  # torchrun's agent: an uncaught exception goes to its error file, so the launcher can name the cause
