@@ -43,6 +43,7 @@ from disttrain.summary import write_summary
 
 
 STOP_EVERY = 4  # steps between stop-flag agreements in multi-process runs
+REFUSAL_GRACE_S = 5.0  # other ranks wait this long before exiting 2, so rank 0 prints the refusal first
 
 
 class Interrupted(Exception):
@@ -614,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0 or not is_launched():
             print(f"disttrain: error: {cut(e)}", file=sys.stderr)
             report_refusal(f"disttrain: error: {cut(e)}")  # disttrain.launch prints it last, exit 2
+        else:  # the same refusal reaches rank 0 too: leave first and torchrun's agent would kill rank 0
+            time.sleep(REFUSAL_GRACE_S)  # before it printed the line (plain `accelerate launch`)
         return EXIT_USAGE
     except Interrupted as e:
         _close_bar(r)
