@@ -112,7 +112,11 @@ def one(kind: str, args: argparse.Namespace, acc: Any, work: Path) -> dict[str, 
     t = time.perf_counter()
     files = par.checkpoint_state(model, opt) if main or par.sharded else {}
     if main:
-        files |= {"state.json": {"step": 1}, "model.json": {}}
+        position = {"epoch": 0, "window": 1, "step": 1, "metrics_lines": 0}  # what load_checkpoint's schema asks
+        files |= {"state.json": {"position": position, "config": {}, "world_size": acc.num_processes,
+                                 "global_batch": args.batch * acc.num_processes}, "model.json": {
+            "model": "mlp", "model_kwargs": {}, "dataset": "synthetic_classification", "loss": "cross_entropy",
+            "channels_last": False, "spec": {"task": "classification", "input_shape": [args.width], "num_outputs": 10}}}
     if files:
         path = ckpt.save_checkpoint(run, 1, files, keep_last=1, main=main, agree=sync.any)
     torch.distributed.barrier()

@@ -61,7 +61,7 @@ def refs(tmp_path_factory):
 def test_fsdp_matches_ddp_and_one_process_with_sharded_pickle_free_checkpoints(refs):
     fsdp, stdout = refs["fsdp"]
     # the FSDP launch config on CPU shards (Accelerate alone would have trained DDP and said nothing)
-    assert "sharding fsdp2 (2 ranks, ~" in stdout and "gradients averaged by gloo reduce-scatter" in stdout
+    assert "sharding fsdp2 (2 ranks, ~" in stdout and "gradients averaged by shared memory reduce-scatter" in stdout
     assert "sharding none" in refs["ddp"][1]
     a = weights(fsdp)  # the export: full, unsharded, plain safetensors
     assert max_diff(a, weights(refs["ddp"][0])) < 1e-5
@@ -203,3 +203,55 @@ def test_sharding_follows_the_launch_config(monkeypatch):
     cfg = parse_config([])
     assert resolve_sharding(cfg) == "fsdp" and reshard_after_forward(cfg) is False
     assert reshard_after_forward(parse_config(["--fsdp-reshard-after-forward"])) is True
+
+
+@pytest.mark.slow
+def test_gpt_with_tied_embeddings_and_ema_under_fsdp(tmp_path):
+    """The GPT (tied input/output embedding, one FSDP unit per block) with --ema-decay: FSDP on 2 processes
+    matches 1 process (the exported average and the raw weights); killed at step 8, it resumes bitwise as FSDP
+    on 2 processes and within 1e-6 on 1 process; evaluate and generate read the sharded checkpoint."""
+    from test_text_lm import write_text
+
+    from disttrain.evaluate import main as evaluate_main
+    from disttrain.generate import generate
+
+    corpus = tmp_path / "verse.txt"
+    write_text(corpus, 800)
+    args = ["--dataset", f"text:{corpus}", "--data-dir", str(tmp_path / "data"), "--model", "gpt",
+            "--model-kwargs", '{"n_layer": 2, "n_head": 2, "n_embd": 16, "dropout": 0.0}', "--block-size", "16",
+            "--val-fraction", "0.1", "--optimizer", "adamw", "--weight-decay", "0.1", "--max-grad-norm", "0.5",
+            "--scheduler", "cosine", "--warmup-steps", "2", "--ema-decay", "0.9", "--epochs", "2", "--no-progress",
+            "--save-every-steps", "4"]
+
+    def go(out, nproc, *extra, **env_extra):
+        cmd = launch(nproc) + args + ["--batch-size", str(16 // nproc), "--output-dir", str(out), *extra]
+        return run(cmd + (["--sharding", "fsdp"] if nproc > 1 else []), env=env(**env_extra))
+
+    one, fsdp, killed = tmp_path / "one", tmp_path / "fsdp", tmp_path / "killed"
+    for out, nproc in ((one, 1), (fsdp, 2)):
+        p = go(out, nproc)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert "sharding fsdp2 (2 ranks" in p.stdout
+    ref = weights(fsdp)  # the exported average, gathered whole
+    assert "wte.weight" in ref and max_diff(ref, weights(one)) < 1e-5
+    last = sorted((fsdp / "checkpoints").glob("step_*"))[-1]
+    assert (last / "shards").is_dir() and not (last / "ema.safetensors").exists()
+    raw = ckpt.read_shards_full(ckpt.load_checkpoint(last))
+    assert not torch.equal(raw["ema.wte.weight"], raw["model.wte.weight"])  # an average, not the weights
+    assert torch.equal(raw["ema.wte.weight"], ref["wte.weight"])
+    p = go(killed, 2, DISTTRAIN_FAULT="after-rename:8")
+    assert p.returncode != 0 and (killed / "checkpoints" / "step_00000008" / "shards").is_dir()
+    to_one = tmp_path / "to_one"
+    shutil.copytree(killed, to_one)
+    p = go(killed, 2, "--resume", "auto")
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = weights(killed)
+    assert all(torch.equal(a[k], ref[k]) for k in ref)  # same world size: bitwise
+    p = go(to_one, 1, "--resume", "auto")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert max_diff(weights(to_one), ref) < 1e-6
+    res = tmp_path / "e.json"
+    assert evaluate_main(["--checkpoint", str(last), "--split", "val", "--json", str(res)]) == 0
+    final = [json.loads(s) for s in (fsdp / "metrics.jsonl").read_text().splitlines()][-1]
+    assert json.loads(res.read_text())["eval_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    assert generate(str(last), "The", max_new_tokens=8, seed=1) == generate(str(fsdp), "The", max_new_tokens=8, seed=1)

@@ -4,8 +4,9 @@
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
                                        rng.safetensors  state.json  model.json  [scaler.json]  [ema.safetensors]  manifest.json
     <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000R-model-00001-of-00001.safetensors
-                                       (one per rank: its dim-0 shards of model.<name> and optim.<name>.<state>,
-                                       offsets in the safetensors header) sharding.json (tied names)
+                                       (one per rank: its dim-0 shards of model.<name>, optim.<name>.<state> and
+                                       [ema.<name>], offsets in the safetensors header) sharding.json (tied
+                                       names, whether ema.* exist)
                                        optimizer.json rng.safetensors state.json model.json manifest.json
     <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
 
@@ -839,8 +840,8 @@ def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[st
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
     """Weights from a model.safetensors, a run directory, or a checkpoint directory (its EMA weights,
-    ema.safetensors, when the run kept an average: those were evaluated); plus model.json when one is beside
-    them (schema-checked), and the directory they came from. UsageError when unreadable."""
+    ema.safetensors or the ema.* shards, when the run kept an average: those were evaluated); plus model.json
+    when one is beside them (schema-checked), and the directory they came from. UsageError when unreadable."""
     from safetensors import SafetensorError
 
     from disttrain import schema
@@ -850,7 +851,8 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         data = load_checkpoint(p)
         if is_sharded(data):
             full = read_shards_full(data)
-            sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            prefix = "ema." if data.get(SHARDING_JSON, {}).get("ema") else "model."  # the evaluated weights
+            sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
             return with_tied(sd, data), data["model.json"], p
         return data.get("ema.safetensors", data["model.safetensors"]), data["model.json"], p
     if p.is_dir():

@@ -31,9 +31,11 @@ import torch
 from torch import nn
 
 from disttrain import checkpoint as ckpt
+from disttrain import shm_allreduce
 from disttrain.config import Config
-from disttrain.distributed import plain_module, share_gradients
-from disttrain.errors import UsageError
+from disttrain.distributed import broadcast_str, gradient_path, plain_module, share_gradients
+from disttrain.ema import EMA
+from disttrain.errors import TrainingError, UsageError
 from disttrain.state import load_model_weights
 
 _TRUE = ("1", "true", "yes")
@@ -60,9 +62,6 @@ def resolve_sharding(cfg: Config) -> str:
         if cfg.mixed_precision == "fp16":
             raise UsageError("--sharding fsdp with --mixed-precision fp16 is not supported (FSDP2 would need a "
                              "sharded gradient scaler); use --mixed-precision bf16")
-        if cfg.ema_decay:
-            raise UsageError("--sharding fsdp with --ema-decay is not supported yet (the average would have to be "
-                             "sharded like the weights); use DDP (--sharding none) for EMA")
         if cfg.sync_batchnorm:
             raise UsageError("--sharding fsdp with --sync-batchnorm is not supported; batch-norm statistics stay "
                              "per process")
@@ -93,9 +92,11 @@ def state_bytes_per_param(cfg: Config) -> int:
     return 4 * (1 + slots)
 
 
-def trainable_fqns(model: nn.Module) -> list[str]:
-    """Names of the optimizer's parameters, in its order (optim.build_optimizer: model.parameters())."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+def optimizer_fqns(net: nn.Module, optimizer: Any) -> list[str]:
+    """The parameter names in the order of the optimizer's state_dict ids: torch numbers parameters group by
+    group (optim.param_groups puts matrices first, then biases and norms), not in model.parameters() order."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
 class DataParallel:
@@ -137,27 +138,40 @@ class DataParallel:
     def unsharded(self, model: nn.Module) -> Any:
         return nullcontext()
 
-    def checkpoint_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        """The files the main process writes for model and optimizer (full state; ids are positions)."""
+    def checkpoint_state(self, model: nn.Module, optimizer: Any, ema: EMA | None = None) -> dict[str, Any]:
+        """The files the main process writes for model, optimizer (full state; ids are positions) and the
+        --ema-decay average (ema.safetensors)."""
         opt_tensors, opt_meta = ckpt.optimizer_to_files(optimizer.state_dict())
-        return {"model.safetensors": self.unwrap(model).state_dict(), "optimizer.safetensors": opt_tensors,
-                "optimizer.json": opt_meta}
+        files = {"model.safetensors": self.unwrap(model).state_dict(), "optimizer.safetensors": opt_tensors,
+                 "optimizer.json": opt_meta}
+        if ema is not None:
+            files["ema.safetensors"] = ema.state_dict()
+        return files
 
-    def load_state(self, model: nn.Module, optimizer: Any, saved: dict[str, Any], what: str) -> None:
-        """Restore model and optimizer from a checkpoint of either layout (any world size)."""
+    def load_state(self, model: nn.Module, optimizer: Any, saved: dict[str, Any], what: str,
+                   ema: EMA | None = None) -> None:
+        """Restore model, optimizer and EMA from a checkpoint of either layout (any world size)."""
         net = self.unwrap(model)
+        _require_ema(saved, ema)
         if ckpt.is_sharded(saved):  # written by FSDP on any number of ranks: read it whole
             flat = ckpt.read_shards_full(saved)
-            sd = ckpt.with_tied({k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}, saved)
-            load_model_weights(net, sd, what)
-            tensors, meta = _optimizer_fqn_to_ids(flat, saved["optimizer.json"], trainable_fqns(net))
+            load_model_weights(net, _prefixed(flat, "model.", saved), what)
+            tensors, meta = _optimizer_fqn_to_ids(flat, saved["optimizer.json"], optimizer_fqns(net, optimizer))
+            average = _prefixed(flat, "ema.", saved) if ema is not None else {}
         else:
             load_model_weights(net, saved["model.safetensors"], what)
             tensors, meta = saved["optimizer.safetensors"], saved["optimizer.json"]
+            average = saved.get("ema.safetensors", {})
         optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), tensors, meta))
+        if ema is not None:
+            ema.load_state_dict(average)
 
     def full_state_dict(self, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.unwrap(model).state_dict().items()
+
+    def gathered(self, sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """A state dict laid out like the model's (the EMA's), whole: here it already is."""
+        yield from sd.items()
 
 
 class FullyShardedDataParallel:
@@ -193,6 +207,7 @@ class FullyShardedDataParallel:
         # the root keeps what is left (embeddings, head, norms); after forward it is needed by backward first
         fully_shard(model, mesh=self.mesh, mp_policy=root_mp, reshard_after_forward=False)
         self.module = model
+        share_shards(self.cfg, self.acc, model)
         return torch.compile(model) if self.cfg.compile else model
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -239,8 +254,9 @@ class FullyShardedDataParallel:
                 m.set_reshard_after_forward(self.reshard if m is not self.module else False,  # type: ignore[operator]
                                             recurse=False)
 
-    def checkpoint_state(self, model: nn.Module, optimizer: Any) -> dict[str, Any]:
-        """Every rank's shards (model.<fqn>, optim.<fqn>.<state>) + the optimizer's non-tensors (JSON)."""
+    def checkpoint_state(self, model: nn.Module, optimizer: Any, ema: EMA | None = None) -> dict[str, Any]:
+        """Every rank's shards (model.<fqn>, optim.<fqn>.<state>, ema.<fqn>) + the optimizer's non-tensors
+        (JSON)."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         net = self.unwrap(model)
@@ -255,26 +271,39 @@ class FullyShardedDataParallel:
                     shards[f"optim.{fqn}.{k}"] = v
                 else:
                     scalars.setdefault(fqn, {})[k] = v
+        if ema is not None:  # the average's shards, laid out like the weights'
+            shards |= {f"ema.{k}": v for k, v in ema.state_dict().items() if k not in aliases}
         meta = {"param_groups": osd["param_groups"], "scalars": scalars, "keyed_by": "fqn"}
-        return {ckpt.SHARDS: shards, "optimizer.json": meta, ckpt.SHARDING_JSON: {"tied": aliases}}
+        return {ckpt.SHARDS: shards, "optimizer.json": meta,
+                ckpt.SHARDING_JSON: {"tied": aliases, "ema": ema is not None}}
 
-    def load_state(self, model: nn.Module, optimizer: Any, saved: dict[str, Any], what: str) -> None:
+    def load_state(self, model: nn.Module, optimizer: Any, saved: dict[str, Any], what: str,
+                   ema: EMA | None = None) -> None:
         """Sharded checkpoints load shard by shard (DCP reshards to this world size); full ones are
         distributed from every rank's full copy."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
         net = self.unwrap(model)
-        names = trainable_fqns(net)
+        names = optimizer_fqns(net, optimizer)
+        _require_ema(saved, ema)
         if ckpt.is_sharded(saved):
-            template = self.checkpoint_state(model, optimizer)[ckpt.SHARDS]  # DTensors of this layout
-            ckpt.load_shards(saved, template)  # in place
-            sd = ckpt.with_tied({k[len("model."):]: v for k, v in template.items() if k.startswith("model.")}, saved)
+            template = self.checkpoint_state(model, optimizer, ema)[ckpt.SHARDS]  # DTensors of this layout
+            ckpt.load_shards(saved, template)  # in place (the EMA's own tensors included)
+            sd = _prefixed(template, "model.", saved)
             _check_keys(net, sd, what)
             set_model_state_dict(net, sd)
             osd = _optimizer_fqn_state(template, saved["optimizer.json"], names)
             set_optimizer_state_dict(net, optimizer, osd)
+            if ema is not None:
+                ema.load_state_dict(_prefixed(template, "ema.", saved))  # the tied names' copies too
             return
+        if ema is not None:  # a full average: every rank keeps the slices of its shards
+            from torch.distributed.tensor import distribute_tensor
+
+            ema.load_state_dict({k: distribute_tensor(saved["ema.safetensors"][k], t.device_mesh, t.placements,
+                                                      src_data_rank=None) if hasattr(t, "device_mesh") else
+                                 saved["ema.safetensors"][k] for k, t in ema.state_dict().items()})
         full = saved["model.safetensors"]
         _check_keys(net, full, what)
         opts = StateDictOptions(full_state_dict=True)
@@ -304,6 +333,58 @@ class FullyShardedDataParallel:
                     continue
                 tied[id(v)] = t
             yield k, tied[id(v)]
+
+    def gathered(self, sd: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+        """A state dict laid out like the model's (the EMA's), gathered one tensor at a time on every rank."""
+        for k, v in sd.items():
+            yield k, (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+
+
+def share_shards(cfg: Config, acc: Any, model: nn.Module) -> None:
+    """On one machine's CPU processes, FSDP2's all-gathers and reduce-scatters go through shared memory
+    (shm_allreduce.py) instead of gloo's TCP loopback, as DDP's all-reduce does (collective)."""
+    if gradient_path(cfg, acc) != "shared memory reduce-scatter":
+        return
+    shm = shm_allreduce.ShmAllReduce.attach(acc, model, cfg.dist_timeout, broadcast_str)
+    if shm is None:  # no room in /dev/shm: gloo (rank 0 said so)
+        return
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+
+    class Gather(AllGather):
+        def allocate(self, size: Any, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+            return torch.empty(*size, dtype=dtype, device=device)
+
+        def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any,
+                     async_op: bool = False) -> None:
+            shm.all_gather_(output_tensor, input_tensor)
+
+    class Scatter(ReduceScatter):
+        allocate = Gather.allocate
+
+        def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: Any, op: Any,
+                     async_op: bool = False) -> None:
+            if op != torch.distributed.ReduceOp.SUM:  # set_force_sum_reduction_for_comms below
+                raise TrainingError(f"shared-memory reduce-scatter: unexpected reduction {op}")
+            shm.reduce_scatter_(output_tensor, input_tensor)
+
+    gather, scatter = Gather(), Scatter()
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_force_sum_reduction_for_comms(True)  # FSDP2 divides by the world size after the sum
+            m.set_custom_all_gather(gather)
+            m.set_custom_reduce_scatter(scatter)
+
+
+def _prefixed(flat: dict[str, torch.Tensor], prefix: str, saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The `prefix`ed tensors of a sharded checkpoint (model., ema.), without the prefix, tied names added back."""
+    return ckpt.with_tied({k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, saved)
+
+
+def _require_ema(saved: dict[str, Any], ema: EMA | None) -> None:
+    has = saved.get(ckpt.SHARDING_JSON, {}).get("ema", False) if ckpt.is_sharded(saved) else "ema.safetensors" in saved
+    if ema is not None and not has:
+        raise UsageError("--resume: the checkpoint has no EMA weights (ema.safetensors) but --ema-decay is set")
 
 
 def fsdp_blocks(model: nn.Module) -> list[nn.Module]:

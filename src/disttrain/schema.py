@@ -220,8 +220,9 @@ def check_checkpoint(files: dict[str, Any], where: Path) -> None:
                 raise _fail(w, f"scalars {pid!r} must map a parameter {'name' if by_name else 'index'} to numbers")
     tied = files.get("sharding.json")
     if tied is not None and not (isinstance(tied, dict) and isinstance(tied.get("tied"), dict)
-                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in tied["tied"].items())):
-        raise _fail(what("sharding.json"), "must be {tied: {name: name}}")
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in tied["tied"].items())
+                                 and set(tied) <= {"tied", "ema"} and isinstance(tied.get("ema", False), bool)):
+        raise _fail(what("sharding.json"), "must be {tied: {name: name}, ema: true/false}")
     ten = files.get("optimizer.safetensors")
     if ten is not None:
         bad = [k for k in ten if not (k.partition(".")[0].isdigit() and k.partition(".")[2])]

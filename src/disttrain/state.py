@@ -117,8 +117,8 @@ def resume_config(cfg: Config) -> tuple[Config, str | None]:
 
 
 def shard_files(r: Run) -> dict[str, Any]:
-    """What every rank writes itself: its shards of model and optimizer under FSDP (r.par), else nothing."""
-    return r.par.checkpoint_state(r.model, r.optimizer) if r.par.sharded else {}
+    """What every rank writes itself: its shards of model, optimizer and EMA under FSDP (r.par), else nothing."""
+    return r.par.checkpoint_state(r.model, r.optimizer, r.ema) if r.par.sharded else {}
 
 
 def checkpoint_files(r: Run, rng: dict[str, torch.Tensor], position: dict[str, Any],
@@ -127,7 +127,7 @@ def checkpoint_files(r: Run, rng: dict[str, torch.Tensor], position: dict[str, A
     collective done by all ranks before), `position` the Position as a dict with the loop's not-yet-folded
     sums added, `shards` this rank's shard_files(). Returns {file name: tensors dict or JSON-able object}."""
     files: dict[str, Any] = {
-        **(shards or r.par.checkpoint_state(r.model, r.optimizer)),  # model + optimizer, full or sharded
+        **(shards or r.par.checkpoint_state(r.model, r.optimizer, r.ema)),  # model, optimizer, EMA: full or sharded
         "scheduler.json": r.scheduler.state_dict(),
         "rng.safetensors": rng,
         "model.json": r.model_meta,
@@ -137,8 +137,6 @@ def checkpoint_files(r: Run, rng: dict[str, torch.Tensor], position: dict[str, A
     }
     if getattr(r.acc, "scaler", None) is not None:
         files["scaler.json"] = r.acc.scaler.state_dict()
-    if r.ema is not None:  # --ema-decay: the averaged weights (checkpoint.load_weights prefers them)
-        files["ema.safetensors"] = r.ema.state_dict()
     return files
 
 
@@ -157,11 +155,7 @@ def restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: torch
     state = saved["state.json"]
     pos = Position.from_saved(state["position"])
     pos.resumes += 1
-    par.load_state(model, optimizer, saved, f"checkpoint {source}")
-    if ema is not None:
-        if "ema.safetensors" not in saved:
-            raise UsageError("--resume: the checkpoint has no EMA weights (ema.safetensors) but --ema-decay is set")
-        ema.load_state_dict(saved["ema.safetensors"])
+    par.load_state(model, optimizer, saved, f"checkpoint {source}", ema)  # --ema-decay: the average too
     if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
         acc.scaler.load_state_dict(saved["scaler.json"])
     scheduler.load_state_dict(saved["scheduler.json"])

@@ -214,9 +214,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
                            "train_loss": pos.epoch_loss / max(1, pos.epoch_count)}
     for split in ("val", "eval"):
         if (r.data.val if split == "val" else r.data.test) is not None:
-            with r.par.unsharded(r.model), averaged(r.ema):  # --ema-decay: the averaged weights are evaluated
-                rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
-                                    prefix=split))
+            rec.update(_evaluate(r, "val" if split == "val" else "test", split))
     rec["lr"] = pos.last_lr
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     if r.data.spec.vocab:
@@ -235,6 +233,13 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     path = _save(r, meter)
     if improved and r.acc.is_main_process:
         ckpt.save_best(r.rundir, path, pos.best)
+
+
+def _evaluate(r: Run, split: str, prefix: str) -> dict[str, Any]:
+    """Metrics of the evaluated weights: the average under --ema-decay (swapped in before FSDP gathers
+    them), whole on every rank (ranks may run different numbers of batches: no collective inside)."""
+    with averaged(r.ema), r.par.unsharded(r.model):
+        return evaluate(r.model, r.data, r.loss_fn, r.acc, split, prefix=prefix)
 
 
 def _early_stop(r: Run, improved: bool) -> None:
@@ -258,8 +263,7 @@ def _eval_line(r: Run, meter: Meter) -> None:
         return
     t = time.perf_counter()
     rec: dict[str, Any] = {"kind": "eval", "epoch": r.pos.epoch + 1, "step": r.pos.step}
-    with averaged(r.ema):
-        rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val", prefix="val"))
+    rec.update(_evaluate(r, "val", "val"))
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
     say(r.acc, f"step {r.pos.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
@@ -574,13 +578,14 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
+    # with --ema-decay the averaged weights (those evaluated) are the model
+    tensors = r.par.full_state_dict(r.model) if r.ema is None else r.par.gathered(r.ema.state_dict())
     full = {}
-    for name, tensor in r.par.full_state_dict(r.model):  # FSDP: gathered one tensor at a time, every rank
+    for name, tensor in tensors:  # FSDP: gathered one tensor at a time, on every rank
         if r.acc.is_main_process:
             full[name] = tensor
     if r.acc.is_main_process:
-        # with --ema-decay the averaged weights (those evaluated) are the model
-        ckpt.export_model(r.rundir, r.ema.state_dict() if r.ema is not None else full, r.model_meta)
+        ckpt.export_model(r.rundir, full, r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
     write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()
