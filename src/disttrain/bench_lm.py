@@ -11,8 +11,9 @@ step (the loss is read only at the end). Two comparisons:
               rounds (median of per-round ratios); and real launches of 2 processes x 1 thread against
               1 process x 2 threads at the same global batch
   recipe      `--recipe recipes/char_gpt.yaml`: the recipe launched for real (`accelerate launch`) against the
-              hand loop with the recipe's hyperparameters for the same number of optimizer steps; validation
-              loss (the same full validation split, per token) and wall time of each
+              hand loop with the recipe's hyperparameters for the same number of optimizer steps, run at the
+              same time as a process of its own (hand_process); validation loss (the same full validation
+              split, per token) and wall time of each process, start-up and data preparation included
 
     python -m disttrain.bench --workload lm --corpus data/shakespeare [--rounds 3] [--steps 300]
     python -m disttrain.bench --workload lm --corpus data/shakespeare --recipe recipes/char_gpt.yaml
@@ -105,6 +106,26 @@ def val_loss(model: torch.nn.Module, ids: torch.Tensor, block: int, batch: int =
         total += float(F.cross_entropy(logits.flatten(0, 1), y[i:i + batch].flatten(), reduction="sum"))
     model.train()
     return total / y.numel()
+
+
+def hand_process(corpus: str, val_fraction: float, steps: int, hp: dict[str, Any], threads: int,
+                 out: Path) -> dict[str, Any]:
+    """The hand loop as its own process, as a user runs it (`python train.py`): wall_s from the start of the
+    process to its end (interpreter and torch start-up, reading and encoding the corpus included), like the
+    recipe's launch beside it."""
+    env = dict(os.environ, DISTTRAIN_THREADS=str(threads))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "disttrain.bench_lm", corpus, str(val_fraction), str(steps),
+                    json.dumps(hp), str(out)], check=True, env=env)
+    res = json.loads(out.read_text())
+    return res | {"wall_s": time.perf_counter() - t0}
+
+
+def _hand_main(corpus: str, val_fraction: str, steps: str, hp: str, out: str) -> None:
+    torch.set_num_threads(int(os.environ.get("DISTTRAIN_THREADS", "1")))
+    train_ids, val_ids, vocab = corpus_ids(corpus, float(val_fraction))
+    res = hand_loop(train_ids, val_ids, vocab, int(steps), **json.loads(hp))
+    Path(out).write_text(json.dumps(res))
 
 
 def _flags(corpus: str, data_dir: str, out: str, steps: int, batch: int, block: int) -> list[str]:
@@ -204,14 +225,13 @@ def recipe(corpus: str, recipe_path: str, rounds: int, threads: int, rec: Any) -
               warmup=int(cfg.get("warmup_steps", 0)), weight_decay=float(cfg.get("weight_decay", 0.0)),
               clip=float(cfg.get("max_grad_norm") or 0.0), seed=int(cfg.get("seed", 0)),
               eval_every=int(cfg.get("eval_every_steps", 0)))
-    train_ids, val_ids, vocab = corpus_ids(corpus, float(cfg["val_fraction"]))
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = Path(tmp) / "run"
             started = start_launch(["--config", recipe_path, "--dataset", f"text:{corpus}", "--data-dir",
                                     str(Path(tmp) / "data"), "--no-progress", "--output-dir", str(run_dir)], 1, threads)
-            res = hand_loop(train_ids, val_ids, vocab, steps, **hp)
+            res = hand_process(corpus, float(cfg["val_fraction"]), steps, hp, threads, Path(tmp) / "hand.json")
             wall, _ = finish_launch(started)
             lines = [json.loads(s) for s in (run_dir / "metrics.jsonl").read_text().splitlines()]
             last = [d for d in lines if d["kind"] == "epoch"][-1]
@@ -220,9 +240,17 @@ def recipe(corpus: str, recipe_path: str, rounds: int, threads: int, rec: Any) -
                 (Path(tempfile.gettempdir()) / f"{keep}-bench-metrics.jsonl").write_text(
                     (run_dir / "metrics.jsonl").read_text())
                 (Path(tempfile.gettempdir()) / f"{keep}-bench-hand-curve.json").write_text(json.dumps(res["curve"]))
+                model = Path(tempfile.gettempdir()) / f"{keep}-bench-model"  # for samples: generate --checkpoint
+                model.mkdir(exist_ok=True)
+                for name in ("model.safetensors", "model.json"):
+                    (model / name).write_bytes((run_dir / name).read_bytes())
         rec("recipe", "hand_val_loss", res["val_loss"])
         rec("recipe", "hand_wall_s", res["wall_s"])
         rec("recipe", "disttrain_val_loss", last["val_loss"])
         rec("recipe", "disttrain_wall_s", wall)
         rec("recipe", "wall_ratio", wall / res["wall_s"])
         rec("recipe", "val_loss_diff", last["val_loss"] - res["val_loss"])
+
+
+if __name__ == "__main__":  # hand_process's child
+    _hand_main(*sys.argv[1:])

@@ -82,11 +82,16 @@ class GPT(nn.Module):
         if not 0 <= dropout < 1:
             raise UsageError(f"--model gpt: dropout must be in [0, 1), got {dropout}")
         self.block_size = block_size
-        self.wte = nn.Embedding(vocab_size, n_embd)  # also the output projection (tied)
-        self.wpe = nn.Embedding(block_size, n_embd)
+        # the embeddings' own N(0, 1) draw is skipped (_weight): _init_weights draws them below, and on the meta
+        # device (models.build_model counts parameters there before allocating) normal_ would import
+        # torch._dynamo, ~2 s of every start-up
+        self.wte = nn.Embedding(vocab_size, n_embd, _weight=torch.empty(vocab_size, n_embd))  # the output head too
+        self.wpe = nn.Embedding(block_size, n_embd, _weight=torch.empty(block_size, n_embd))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout, bias) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        if self.wte.weight.is_meta:  # counted, never used: nothing to initialise
+            return
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scaled init of the projections into the residual
             if name.endswith("c_proj.weight"):
