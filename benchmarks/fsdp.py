@@ -5,8 +5,9 @@
 
 It starts itself under torchrun (gloo). Every round trains the same model (a stack of `depth` residual MLP
 blocks in an nn.ModuleList, width x 4*width, ~`12 * depth * width**2` parameters, AdamW) once with disttrain's
-DDP strategy and once with its FSDP2 strategy (parallel.py: the code path `train()` uses), alternating
-which goes first, and reports per-round ratios and their median (the machine is shared and noisy: ratios,
+DDP strategy, once with its FSDP2 strategy (parallel.py: the code path `train()` uses; on one machine's CPU
+processes its collectives go through shared memory) and once with FSDP2 over gloo (`--no-shm-allreduce`: TCP
+loopback), reversing the order every round, and reports per-round ratios and their median (the machine is shared and noisy: ratios,
 not seconds, are the result). Measured per rank:
 
   state_mb     bytes of parameters + gradients + optimizer state this rank holds after a step (local shards
@@ -77,7 +78,9 @@ def one(kind: str, args: argparse.Namespace, acc: Any, work: Path) -> dict[str, 
     from disttrain.optim import build_optimizer
     from disttrain.parallel import make_parallel
 
-    cfg = parse_config(["--optimizer", "adamw", "--lr", "1e-4", "--max-grad-norm", "1.0", "--sharding", kind,
+    shm = [] if kind != "fsdp-gloo" else ["--no-shm-allreduce"]  # FSDP2's collectives through gloo (TCP)
+    kind = kind.removesuffix("-gloo")
+    cfg = parse_config([*shm, "--optimizer", "adamw", "--lr", "1e-4", "--max-grad-norm", "1.0", "--sharding", kind,
                         "--dataset", "synthetic_classification", "--model", "mlp",
                         "--fsdp-reshard-after-forward" if args.reshard else "--no-fsdp-reshard-after-forward"])
     torch.manual_seed(0)
@@ -141,20 +144,21 @@ def worker(args: argparse.Namespace) -> None:
     work = Path(args.workdir)
     rounds = []
     for r in range(args.rounds):
-        order = ("none", "fsdp") if r % 2 == 0 else ("fsdp", "none")
-        res = {kind: one(kind, args, acc, work / f"r{r}") for kind in order}
+        order = KINDS if r % 2 == 0 else KINDS[::-1]
+        res = {kind: one(kind, args, acc, work / f"r{r}-{kind}") for kind in order}
         # every rank's figures: memory is per rank (max over ranks), times are the slowest rank's
-        flat = torch.tensor([res[k][m] for k in ("none", "fsdp") for m in METRICS], dtype=torch.float64)
+        flat = torch.tensor([res[k][m] for k in KINDS for m in METRICS], dtype=torch.float64)
         torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
         vals = flat.tolist()
         rounds.append({k: dict(zip(METRICS, vals[i * len(METRICS):(i + 1) * len(METRICS)]))
-                       for i, k in enumerate(("none", "fsdp"))})
+                       for i, k in enumerate(KINDS)})
     if acc.is_main_process:
         Path(args.result).write_text(json.dumps(rounds))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
+KINDS = ("none", "fsdp", "fsdp-gloo")  # DDP (shared-memory all-reduce), FSDP2 (shared memory), FSDP2 (gloo)
 METRICS = ("state_mb", "step_s", "save_s", "load_s", "ckpt_mb")
 
 
@@ -164,7 +168,9 @@ def report(rounds: list[dict[str, dict[str, float]]], args: argparse.Namespace) 
     out = {"params": params, "nproc": args.nproc, "rounds": rounds,
            "ddp": {m: med(lambda r, m=m: r["none"][m]) for m in METRICS},
            "fsdp": {m: med(lambda r, m=m: r["fsdp"][m]) for m in METRICS},
-           "ratio_fsdp_over_ddp": {m: med(lambda r, m=m: r["fsdp"][m] / r["none"][m]) for m in METRICS}}
+           "fsdp_gloo": {m: med(lambda r, m=m: r["fsdp-gloo"][m]) for m in METRICS},
+           "ratio_fsdp_over_ddp": {m: med(lambda r, m=m: r["fsdp"][m] / r["none"][m]) for m in METRICS},
+           "ratio_fsdp_gloo_over_ddp": {m: med(lambda r, m=m: r["fsdp-gloo"][m] / r["none"][m]) for m in METRICS}}
     return out
 
 
@@ -204,9 +210,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"model: {out['params'] / 1e6:.2f} M parameters, AdamW, batch {args.batch}/rank, {args.nproc} processes, "
           f"reshard after forward {args.reshard}, median of {args.rounds} rounds")
-    print(f"{'':10}{'DDP':>10}{'FSDP2':>10}{'FSDP/DDP':>10}")
+    print(f"{'':10}{'DDP':>10}{'FSDP2':>10}{'FSDP/DDP':>10}{'FSDP2 gloo':>12}{'gloo/DDP':>10}")
     for m in METRICS:
-        print(f"{m:10}{out['ddp'][m]:10.3f}{out['fsdp'][m]:10.3f}{out['ratio_fsdp_over_ddp'][m]:10.2f}")
+        print(f"{m:10}{out['ddp'][m]:10.3f}{out['fsdp'][m]:10.3f}{out['ratio_fsdp_over_ddp'][m]:10.2f}"
+              f"{out['fsdp_gloo'][m]:12.3f}{out['ratio_fsdp_gloo_over_ddp'][m]:10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
