@@ -255,3 +255,22 @@ def test_gpt_with_tied_embeddings_and_ema_under_fsdp(tmp_path):
     final = [json.loads(s) for s in (fsdp / "metrics.jsonl").read_text().splitlines()][-1]
     assert json.loads(res.read_text())["eval_loss"] == pytest.approx(final["val_loss"], rel=1e-6)
     assert generate(str(last), "The", max_new_tokens=8, seed=1) == generate(str(fsdp), "The", max_new_tokens=8, seed=1)
+
+
+@pytest.mark.slow
+def test_fsdp_resumes_from_two_ranks_on_three(tmp_path):
+    """Killed at step 4 on 2 FSDP ranks, resumed on 3 (DCP reshards the dim-0 shards, now uneven) at the same
+    global batch (2 x 24 = 3 x 16): within 1e-6 of the uninterrupted 2-rank run."""
+    def go(out, nproc, *extra, **env_extra):
+        cmd = launch(nproc) + EQ + ["--batch-size", str(48 // nproc), "--output-dir", str(out), "--sharding", "fsdp"]
+        return run(cmd + list(extra), env=env(**env_extra))
+
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    p = go(ref, 2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = go(out, 2, DISTTRAIN_FAULT="after-rename:4")
+    assert p.returncode != 0 and (out / "checkpoints" / "step_00000004" / "shards").is_dir()
+    p = go(out, 3, "--resume", "auto")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "sharding fsdp2 (3 ranks" in p.stdout and "resumed from" in p.stdout
+    assert max_diff(weights(out), weights(ref)) < 1e-6

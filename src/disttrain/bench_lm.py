@@ -89,7 +89,8 @@ def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int,
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if eval_every and val_ids is not None and (it + 1) % eval_every == 0 and it + 1 < steps:
-            curve.append((it + 1, time.perf_counter() - t0, val_loss(model, val_ids, block)))
+            v = val_loss(model, val_ids, block)  # the time after evaluating, as disttrain's elapsed_s
+            curve.append((it + 1, time.perf_counter() - t0, v))
     sync()
     train_s = time.perf_counter() - t_start
     out: dict[str, Any] = {"tokens_per_sec": (steps - warm) * batch * block / train_s, "train_s": train_s}
