@@ -41,9 +41,11 @@ def main(argv: list[str]) -> int:
     bench_file = out / "bench.json"
     bench = json.loads(bench_file.read_text()) if bench_file.is_file() and bench_file.stat().st_size < 16 << 20 else None
     ok = tests_rc == 0 and bench_rc == 0 and bench is not None
+    lm_file = out / "bench_lm.json"  # the GPT's tokens/s (absent: no corpus, or it ran out of time)
+    lm = json.loads(lm_file.read_text()) if lm_file.is_file() and lm_file.stat().st_size < 16 << 20 else None
     report = {"ok": ok, "wall_s": wall, "device": device_info(), "tests_exit": tests_rc, "tests": t,
               "bench_exit": bench_rc, "bench": bench,
-              "gpt_tokens_per_sec": None}  # no GPT model in disttrain yet: added when it exists
+              "gpt_tokens_per_sec": lm["median"].get("gpt") if lm else None}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     d = report["device"]
     lines = [f"# GPU check: {'OK' if ok else 'FAILED'} in {wall} s",
@@ -67,7 +69,10 @@ def main(argv: list[str]) -> int:
             lines.append(f"| {label} | " + " | ".join(f"{med[m].get(k, float('nan')):.2f}" for m in models) + " |")
     else:
         lines.append(f"Benchmark: no result (exit {bench_rc}; 124 = the time limit); see bench.log")
-    lines += ["", "GPT tokens/s: no GPT model in disttrain yet."]
+    gpt = report["gpt_tokens_per_sec"]
+    lines += ["", f"GPT tokens/s (batch {lm['batch_size']} x block 64, {lm['steps']} timed steps): hand loop "
+              f"{gpt['b']:.0f}, disttrain {gpt['c']:.0f}, disttrain / hand loop {gpt['c/b']:.2f}" if gpt else
+              "GPT tokens/s: no result (see bench_lm.log)"]
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text, end="")

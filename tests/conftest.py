@@ -30,7 +30,7 @@ def _isolate(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DISTTRAIN_CONTENTION_NOTE", "0")  # stderr must not depend on the machine's load
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "ACCELERATE_MIXED_PRECISION", "ACCELERATE_USE_CPU", "TORCHELASTIC_RUN_ID", "DISTTRAIN_FAULT",
-                "OMP_NUM_THREADS"):
+                "OMP_NUM_THREADS", "ACCELERATE_USE_FSDP", "FSDP_RESHARD_AFTER_FORWARD"):
         monkeypatch.delenv(var, raising=False)
     threads = torch.get_num_threads()
     yield

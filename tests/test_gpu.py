@@ -155,6 +155,12 @@ def test_gpu_summary_reads_the_tests_and_the_benchmark(tmp_path, monkeypatch, ca
     assert report["bench"]["median"]["lenet"]["c/a"] == 7.6
     summary = (tmp_path / "summary.md").read_text()
     assert "FAILED tests.test_gpu::test_b" in summary and "| c/a | 7.60 |" in summary
+    assert report["gpt_tokens_per_sec"] is None and "GPT tokens/s: no result" in summary
+    lm = {"workload": "lm", "steps": 200, "batch_size": 64, "median": {"gpt": {"b": 9e5, "c": 1.0e6, "c/b": 1.11}}}
+    (tmp_path / "bench_lm.json").write_text(json.dumps(lm))
+    mod.main([str(tmp_path), "1", "0", "300"])
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["gpt_tokens_per_sec"]["c/b"] == 1.11
+    assert "hand loop 900000, disttrain 1000000, disttrain / hand loop 1.11" in (tmp_path / "summary.md").read_text()
     (tmp_path / "gpu_tests.xml").write_text('<testsuites><testsuite><testcase classname="t" name="a"/>'
                                             '</testsuite></testsuites>')
     assert mod.main([str(tmp_path), "0", "0", "300"]) == 0

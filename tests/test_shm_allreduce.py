@@ -73,6 +73,52 @@ def test_mean_is_the_rank_order_average_and_identical_on_every_rank(tmp_path):
         assert not torch.allclose(want, _bucket(0, rnd, dtype))  # the peers' values really arrived
 
 
+def _fsdp_worker(path: str, rank: int, world: int, out: str, pids: list[int]) -> None:
+    torch.set_num_threads(1)
+    shm = ShmAllReduce(path, rank, world, SLOT, timeout_s=30)
+    shm.pids = pids
+    results = {}
+    for rnd, n in enumerate((7, 45, 11)):  # shards of 7..45 elements: several chunks per call with 128-byte slots
+        gathered = torch.full((world * n,), float("nan"))
+        shm.all_gather_(gathered, _bucket(rank, rnd)[:n])
+        results[f"gather{rnd}"] = gathered
+        scattered = torch.full((n,), float("nan"), dtype=torch.float64)
+        full = torch.cat([_bucket(rank, 10 + rnd + r, torch.float64)[:n] for r in range(world)])
+        shm.reduce_scatter_(scattered, full)
+        results[f"scatter{rnd}"] = scattered
+        results[f"mean{rnd}"] = shm.mean_(_bucket(rank, 20 + rnd))  # interleaved with the all-reduce's rounds
+    from safetensors.torch import save_file
+
+    save_file(results, out)
+
+
+def test_all_gather_and_reduce_scatter_for_fsdp_in_rank_order(tmp_path):
+    """FSDP2's two collectives (parallel.share_shards) through the same mapping: all-gather concatenates every
+    rank's shard in rank order; reduce-scatter gives rank r the rank-order sum of every rank's segment r."""
+    from safetensors.torch import load_file
+
+    path = _mapping(tmp_path, WORLD)
+    outs = [str(tmp_path / f"r{r}.safetensors") for r in range(WORLD)]
+    procs = [_spawn(_fsdp_worker, path, r, WORLD, outs[r], [os.getpid()] * WORLD) for r in range(WORLD)]
+    try:
+        for p in procs:
+            p.join(600)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            p.kill()
+            p.join()
+    got = [load_file(o) for o in outs]
+    for rnd, n in enumerate((7, 45, 11)):
+        want = torch.cat([_bucket(r, rnd)[:n] for r in range(WORLD)])
+        for rank, g in enumerate(got):
+            assert torch.equal(g[f"gather{rnd}"], want)
+            seg = [_bucket(src, 10 + rnd + rank, torch.float64)[:n] for src in range(WORLD)]
+            assert torch.equal(g[f"scatter{rnd}"], seg[0] + seg[1] + seg[2])
+            parts = [_bucket(r, 20 + rnd) / WORLD for r in range(WORLD)]
+            assert torch.equal(g[f"mean{rnd}"], parts[0] + parts[1] + parts[2])
+
+
 def _exit_at_once() -> None:
     os._exit(0)
 

@@ -53,12 +53,15 @@ def corpus_ids(corpus: str, val_fraction: float) -> tuple[torch.Tensor, torch.Te
 def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int, steps: int, *, block: int = 64,
               batch: int = 12, n_layer: int = 4, n_head: int = 4, n_embd: int = 128, dropout: float = 0.0,
               lr: float = 1e-3, min_lr: float = 1e-4, warmup: int = 100, weight_decay: float = 0.1,
-              clip: float = 1.0, seed: int = 0, warm: int = 0, eval_every: int = 0) -> dict[str, Any]:
-    """nanoGPT-style training; {tokens_per_sec (after `warm` steps), train_s, val_loss (full split), wall_s,
-    curve: [(step, seconds, val_loss)] every `eval_every` steps (as nanoGPT's eval_interval) and at the end}."""
+              clip: float = 1.0, seed: int = 0, warm: int = 0, eval_every: int = 0,
+              device: str = "cpu") -> dict[str, Any]:
+    """nanoGPT-style training on `device`; {tokens_per_sec (after `warm` steps), train_s, val_loss (full
+    split), wall_s, curve: [(step, seconds, val_loss)] every `eval_every` steps (as nanoGPT's eval_interval)
+    and at the end}."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    model = GPT(vocab, block, n_layer, n_head, n_embd, dropout)
+    model = GPT(vocab, block, n_layer, n_head, n_embd, dropout).to(device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     opt = torch.optim.AdamW(param_groups(list(model.parameters()), weight_decay), lr=lr, fused=True)
 
     def get_lr(it: int) -> float:  # nanoGPT: linear warmup, cosine decay to min_lr
@@ -71,12 +74,13 @@ def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int,
     t_start, curve = time.perf_counter(), []
     for it in range(steps):
         if it == warm:
+            sync()
             t_start = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = get_lr(it)
         ix = torch.randint(len(train_ids) - block, (batch,))
-        x = torch.stack([train_ids[i:i + block] for i in ix])
-        y = torch.stack([train_ids[i + 1:i + 1 + block] for i in ix])
+        x = torch.stack([train_ids[i:i + block] for i in ix]).to(device, non_blocking=True)  # as nanoGPT's get_batch
+        y = torch.stack([train_ids[i + 1:i + 1 + block] for i in ix]).to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         opt.zero_grad(set_to_none=True)
@@ -85,7 +89,9 @@ def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int,
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if eval_every and val_ids is not None and (it + 1) % eval_every == 0 and it + 1 < steps:
-            curve.append((it + 1, time.perf_counter() - t0, val_loss(model, val_ids, block)))
+            v = val_loss(model, val_ids, block)  # the time after evaluating, as disttrain's elapsed_s
+            curve.append((it + 1, time.perf_counter() - t0, v))
+    sync()
     train_s = time.perf_counter() - t_start
     out: dict[str, Any] = {"tokens_per_sec": (steps - warm) * batch * block / train_s, "train_s": train_s}
     if val_ids is not None:
@@ -99,6 +105,7 @@ def hand_loop(train_ids: torch.Tensor, val_ids: torch.Tensor | None, vocab: int,
 def val_loss(model: torch.nn.Module, ids: torch.Tensor, block: int, batch: int = 256) -> float:
     """Mean per-token loss over the non-overlapping windows of `ids` (as disttrain's evaluation)."""
     model.eval()
+    ids = ids.to(next(model.parameters()).device)
     x, y = ids[:-1].unfold(0, block, block), ids[1:].unfold(0, block, block)
     total = 0.0
     for i in range(0, len(x), batch):
@@ -189,10 +196,11 @@ def throughput(corpus: str, data_dir: str, rounds: int, steps: int, batch: int, 
                multi: bool, rec: Any) -> None:
     """Interleaved rounds: b = hand loop, c = disttrain 1 process (same threads), d = 2x1 / 1x2 launches."""
     train_ids, _, vocab = corpus_ids(corpus, 0.1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where disttrain trains too
     for r in range(rounds):
         print(f"round {r + 1}/{rounds}", flush=True)
         order = [("b", lambda: hand_loop(train_ids, None, vocab, WARM + steps, block=block, batch=batch,
-                                         warmup=10, warm=WARM)["tokens_per_sec"]),
+                                         warmup=10, warm=WARM, device=device)["tokens_per_sec"]),
                  ("c", lambda: bench_disttrain(corpus, data_dir, steps, batch, block))]
         if r % 2:
             order.reverse()

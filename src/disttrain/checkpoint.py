@@ -2,11 +2,17 @@
 
     <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
-                                       rng.safetensors  state.json  model.json  [scaler.json]  [ema.safetensors]
-                                       manifest.json
+                                       rng.safetensors  state.json  model.json  [scaler.json]  [ema.safetensors]  manifest.json
+    <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000R-model-00001-of-00001.safetensors
+                                       (one per rank: its dim-0 shards of model.<name>, optim.<name>.<state> and
+                                       [ema.<name>], offsets in the safetensors header) sharding.json (tied
+                                       names, whether ema.* exist)
+                                       optimizer.json rng.safetensors state.json model.json manifest.json
     <run>/checkpoints/best/            a copy (hard links) of the best checkpoint + best.json
 
-Only safetensors and JSON, no pickle on any path. A checkpoint is written into a temporary directory
+Only safetensors and JSON, no pickle on any path: sharded checkpoints go through torch.distributed.checkpoint
+(DCP) with its Hugging Face safetensors writer/reader and tensors only (DCP's default format pickles its
+.metadata and non-tensor values; this one writes no .metadata and we keep every non-tensor in JSON). A checkpoint is written into a temporary directory
 beside the others, fsynced, given a manifest with the SHA-256 of every file, then renamed: a directory
 named step_* is always complete. Old checkpoints are pruned only after the new one is in place.
 """
@@ -26,6 +32,7 @@ import stat
 import struct
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +44,9 @@ FORMAT = "disttrain-checkpoint"
 VERSION = 1
 STEP_RE = re.compile(r"^step_(\d{8})$")
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-REQUIRED = ("model.safetensors", "state.json", "model.json")
+REQUIRED = ("state.json", "model.json")  # and model.safetensors, or shards/ for a sharded checkpoint
+SHARDS = "shards"  # key of the per-rank shards in `files`/`load_checkpoint`, and their directory
+SHARDING_JSON = "sharding.json"  # beside shards/: {"tied": {name: name stored in its place}}
 MAX_JSON_BYTES = safe_io.MAX_JSON
 MAX_MANIFEST_BYTES = safe_io.MAX_SMALL
 
@@ -461,39 +470,104 @@ def _fault(point: str, step: int) -> None:
 
 
 def _errno_text(e: BaseException, where: Path) -> str:
-    """'[Errno 28] ENOSPC: No space left on device (path)' from an OSError or a SafetensorError."""
+    """'[Errno 28] ENOSPC: No space left on device (path)' from an OSError, a SafetensorError or DCP's
+    CheckpointException."""
     if isinstance(e, OSError):
         return f"[Errno {e.errno}] {errno.errorcode.get(e.errno or 0, '?')}: {e.strerror} ({e.filename or where})"
-    m = re.search(r"(?:code: |os error )(\d+)", str(e))
+    m = re.search(r"(?:code: |os error |Errno )(\d+)", str(e))
     code = int(m.group(1)) if m else 0
-    return f"[Errno {code}] {errno.errorcode.get(code, '?')}: {os.strerror(code) if code else one_line(e)}"
+    return f"[Errno {code}] {errno.errorcode.get(code, '?')}: {os.strerror(code) if code else one_line(e)[:300]}"
 
 
-def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int) -> Path:
-    """Write one checkpoint atomically (main process only). `files` maps a file name to a dict of tensors
-    (-> .safetensors) or a JSON-able object (-> .json). Returns the final directory.
+def save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int, *, main: bool = True,
+                    agree: Callable[[bool], bool] | None = None) -> Path:
+    """Write one checkpoint atomically. `files` maps a file name to a dict of tensors (-> .safetensors) or a
+    JSON-able object (-> .json); returns the final directory.
+
+    Unsharded: the main process alone calls this. Sharded (`files[SHARDS]`: this rank's DTensors/tensors):
+    every rank calls it, non-main ranks with only SHARDS, `main` saying which is which and `agree(flag)`
+    (True on every rank if flag is on any, a collective) keeping them together; torch.distributed.checkpoint
+    writes each rank's shards into the temporary directory, then the main process finishes it.
 
     A failed write (disk full, read-only or vanished directory) removes the temporary directory, leaves
-    every earlier checkpoint as it was, and raises TrainingError naming the path and the errno."""
+    every earlier checkpoint as it was, and raises TrainingError naming the path and the errno (on the
+    main process; on every rank if the shards could not be written)."""
     from safetensors import SafetensorError
 
+    tmp = run.checkpoints / f".tmp-{run.step_dir(step).name}"
+    sharded = SHARDS in files
     try:
-        return _save_checkpoint(run, step, files, keep_last)
-    except (OSError, SafetensorError) as e:
-        _remove_quiet(run.checkpoints / f".tmp-{run.step_dir(step).name}")
+        if not sharded:
+            return _save_checkpoint(run, step, files, keep_last) if main else run.step_dir(step)
+        assert agree is not None, "a sharded save is a collective: pass agree"
+        failed: OSError | None = None
+        if main:
+            try:
+                _start_tmp(run, tmp, step)
+            except OSError as e:
+                failed = e
+        if agree(failed is not None):  # every rank stops together
+            raise failed or FileNotFoundError(errno.ENOENT, "the main process could not create it", str(tmp))
+        _save_shards(tmp / SHARDS, files[SHARDS])
+        _fault("wrote-shards", step)
+        if not main:
+            return run.step_dir(step)
+        return _finish_checkpoint(run, step, tmp, {k: v for k, v in files.items() if k != SHARDS}, keep_last)
+    except (OSError, SafetensorError, _checkpoint_exception()) as e:
+        if main:
+            _remove_quiet(tmp)
         raise TrainingError(f"cannot write checkpoint {run.step_dir(step)}: {_errno_text(e, run.checkpoints)}; the "
                             "previous checkpoint is kept and the partial one removed") from None
 
 
+def _checkpoint_exception() -> type[BaseException]:
+    """DCP's CheckpointException derives from BaseException: `except Exception` would miss it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
 def _save_checkpoint(run: RunDir, step: int, files: dict[str, Any], keep_last: int) -> Path:
+    """An unsharded checkpoint, written by the main process alone."""
+    tmp = run.checkpoints / f".tmp-{run.step_dir(step).name}"
+    _start_tmp(run, tmp, step)
+    return _finish_checkpoint(run, step, tmp, files, keep_last)
+
+
+def _start_tmp(run: RunDir, tmp: Path, step: int) -> None:
     if not safe_io.check_entry(run.checkpoints, "dir"):
         run.checkpoints.mkdir(parents=True, exist_ok=True)
-    final = run.step_dir(step)
-    tmp = run.checkpoints / f".tmp-{final.name}"
     _remove(tmp)  # a save killed earlier left it; it was never valid
     tmp.mkdir()
     _fault("started", step)
+
+
+def _save_shards(folder: Path, shards: dict[str, torch.Tensor]) -> None:
+    """This rank's part of a sharded state (a collective): one safetensors file per rank, each holding the
+    rank's shards with their offsets in the header (DCP's Hugging Face writer, save_distributed=True).
+    Replicated plain tensors (BN statistics, optimizer step counts) are written once, by the lowest rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner, HuggingFaceStorageWriter
+
+    bad = [k for k, v in shards.items() if not isinstance(v, torch.Tensor)]
+    if bad:  # the writer would store them as torch.save bytes: a file that "saves" but never loads
+        raise TypeError(f"sharded checkpoint values must be tensors, not {bad[:3]}")
+    dcp.save(shards, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True),
+             planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+
+
+def _finish_checkpoint(run: RunDir, step: int, tmp: Path, files: dict[str, Any], keep_last: int) -> Path:
+    final = run.step_dir(step)
     manifest: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": step, "files": {}}
+    if safe_io.check_entry(tmp / SHARDS, "dir"):
+        for path in sorted((tmp / SHARDS).iterdir()):
+            fd = safe_io.open_regular(path)  # (DCP fsyncs too; this makes it the main process's guarantee)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            manifest["files"][f"{SHARDS}/{path.name}"] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        _fsync_dir(tmp / SHARDS)
     for name, content in files.items():
         path = tmp / name
         if name.endswith(".safetensors"):
@@ -571,11 +645,20 @@ def verify(path: Path) -> str | None:
         manifest = read_json(mf, MAX_MANIFEST_BYTES)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
             return f"{mf}: not a disttrain checkpoint manifest"
+        listed = manifest["files"]
         for name in REQUIRED:
-            if name not in manifest["files"]:
+            if name not in listed:
                 return f"{mf}: does not list {name}"
-        for name, info in manifest["files"].items():
-            if not SAFE_NAME.match(name) or "/" in name or name in (".", ".."):
+        shards = [n for n in listed if n.startswith(f"{SHARDS}/")]
+        if "model.safetensors" not in listed and not shards:
+            return f"{mf}: does not list model.safetensors"
+        if shards and safe_io.check_entry(path / SHARDS, "dir"):  # (never a link) DCP's reader reads every file there: no stowaways
+            extra = sorted(p.name for p in (path / SHARDS).iterdir() if f"{SHARDS}/{p.name}" not in listed)
+            if extra:
+                return f"{path / SHARDS}: files not in the manifest: {extra[:3]}"
+        for name, info in listed.items():
+            base = name[len(SHARDS) + 1:] if name.startswith(f"{SHARDS}/") else name
+            if not SAFE_NAME.match(base) or "/" in base or base in (".", ".."):
                 return f"{mf}: refuses file name {name!r} (outside the checkpoint)"
             if not (isinstance(info, dict) and isinstance(info.get("bytes"), int) and info["bytes"] >= 0
                     and isinstance(info.get("sha256"), str)):
@@ -672,6 +755,9 @@ def load_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in read_json(path / "manifest.json", MAX_MANIFEST_BYTES)["files"]:
             f = path / name
+            if name.startswith(f"{SHARDS}/"):  # read by load_shards / read_shards_full, which reshard
+                out[SHARDS] = path / SHARDS
+                continue
             if not weights and name in ("model.safetensors", "optimizer.safetensors"):
                 continue
             limit = MAX_MANIFEST_BYTES if name == "model.json" else MAX_JSON_BYTES
@@ -681,6 +767,52 @@ def load_checkpoint(path: Path, weights: bool = True) -> dict[str, Any]:
         raise UsageError(f"checkpoint {f}: unreadable, expected {kind}{_pickle_hint(f)} "
                          f"({type(e).__name__}: {one_line(e)[:200]})") from None
     schema.check_checkpoint(out, path)
+    return out
+
+
+def with_tied(sd: dict[str, torch.Tensor], saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A sharded checkpoint's model.<name> tensors, with the tied names it stored once added back."""
+    for name, kept in saved.get(SHARDING_JSON, {}).get("tied", {}).items():
+        if kept in sd:
+            sd.setdefault(name, sd[kept])
+    return sd
+
+
+def is_sharded(saved: dict[str, Any]) -> bool:
+    """Whether a load_checkpoint() result holds per-rank shards (written under --sharding fsdp)."""
+    return SHARDS in saved
+
+
+def _reader(saved: dict[str, Any]) -> Any:
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    return HuggingFaceStorageReader(str(saved[SHARDS]))
+
+
+def load_shards(saved: dict[str, Any], template: dict[str, torch.Tensor]) -> None:
+    """Fill `template` (this rank's DTensors/tensors, any world size) in place from a sharded checkpoint:
+    DCP reads just the slices each rank needs (a collective). UsageError if it does not fit."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(template, storage_reader=_reader(saved))
+    except (_checkpoint_exception(), RuntimeError, ValueError, KeyError, AssertionError) as e:
+        raise UsageError(f"checkpoint {saved[SHARDS].parent}: shards do not fit this model "
+                         f"({type(e).__name__}: {one_line(e)[:300]})") from None
+
+
+def read_shards_full(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, whole, on this process alone (no collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    reader = _reader(saved)
+    try:
+        meta = reader.read_metadata()
+        out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
+        dcp.load(out, storage_reader=_reader(saved), no_dist=True)
+    except (_checkpoint_exception(), RuntimeError, ValueError, KeyError, AssertionError, OSError) as e:
+        raise UsageError(f"checkpoint {saved[SHARDS].parent}: unreadable shards "
+                         f"({type(e).__name__}: {one_line(e)[:300]})") from None
     return out
 
 
@@ -708,8 +840,8 @@ def export_model(run: RunDir, state_dict: dict[str, torch.Tensor], meta: dict[st
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, Path]:
     """Weights from a model.safetensors, a run directory, or a checkpoint directory (its EMA weights,
-    ema.safetensors, when the run kept an average: those were evaluated); plus model.json when one is beside
-    them (schema-checked), and the directory they came from. UsageError when unreadable."""
+    ema.safetensors or the ema.* shards, when the run kept an average: those were evaluated); plus model.json
+    when one is beside them (schema-checked), and the directory they came from. UsageError when unreadable."""
     from safetensors import SafetensorError
 
     from disttrain import schema
@@ -717,6 +849,11 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     p = Path(path)
     if p.is_dir() and ((p / "manifest.json").exists() or (p / "manifest.json").is_symlink()):
         data = load_checkpoint(p)
+        if is_sharded(data):
+            full = read_shards_full(data)
+            prefix = "ema." if data.get(SHARDING_JSON, {}).get("ema") else "model."  # the evaluated weights
+            sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+            return with_tied(sd, data), data["model.json"], p
         return data.get("ema.safetensors", data["model.safetensors"]), data["model.json"], p
     if p.is_dir():
         p = p / "model.safetensors"

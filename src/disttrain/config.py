@@ -31,6 +31,7 @@ PRECISIONS = ("no", "bf16", "fp16", "auto")
 AUGMENTS = ("none", "flip", "crop", "crop_flip")
 ON_NONFINITE = ("stop", "skip")
 RESUME_WORDS = ("auto", "none")
+SHARDINGS = ("auto", "none", "fsdp")
 MAX_KWARGS_BYTES = 64 << 10  # one *-kwargs value as JSON (saved in config.yaml and every state.json)
 MAX_DIST_TIMEOUT = 7 * 24 * 3600  # seconds (datetime.timedelta overflows near 1e14)
 PLUGIN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -45,7 +46,8 @@ RESUMABLE_KEYS = frozenset({
     "config", "epochs", "max_steps", "log_every", "save_every_steps", "keep_last", "resume",
     "overwrite", "progress", "output_dir", "data_dir", "num_workers", "log_with", "dry_run",
     "eval_batch_size", "init_from", "allow_batch_change", "compile", "max_nonfinite_skips",
-    "shm_allreduce", "find_unused_parameters", "save_every_minutes", "eval_every_steps", "early_stop_patience",
+    "shm_allreduce", "find_unused_parameters", "save_every_minutes", "sharding", "fsdp_reshard_after_forward",
+    "eval_every_steps", "early_stop_patience",
 })
 
 
@@ -142,6 +144,11 @@ class Config:
     dist_timeout: int = _f(600, "seconds a collective may wait before the process group gives up")
     shm_allreduce: bool = _f(True, "average gradients through shared memory when all CPU processes share "
                                    "one machine (else gloo)")
+    sharding: str = _f("auto", "none (DDP replicas), fsdp (FSDP2: parameters, gradients and optimizer state "
+                               "sharded over processes), or auto: fsdp if the launch config asks for FSDP, else none",
+                       choices=SHARDINGS)
+    fsdp_reshard_after_forward: bool | None = _f(None, "FSDP: free each block's gathered parameters after "
+                                                       "forward (default: the launch config's, else true)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,7 +399,8 @@ def validate(cfg: Config) -> None:
                f"--dataset {v}: no such file or directory {v[len(TEXT_PREFIX):]!r}")
     for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("mixed_precision", PRECISIONS), ("augment", AUGMENTS),
-                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("task", TASKS)):
+                          ("on_nonfinite", ON_NONFINITE), ("log_with", ("tensorboard",)), ("task", TASKS),
+                          ("sharding", SHARDINGS)):
         v = getattr(cfg, name)
         _check(v is None or v in choices,
                f"--{name.replace('_', '-')} {v!r}: unknown; expected one of {', '.join(choices)}")

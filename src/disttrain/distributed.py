@@ -103,7 +103,10 @@ def gradient_path(cfg: Config, acc: Any) -> str:
     """How gradients are averaged across processes (the topology line says it)."""
     if acc.num_processes == 1:
         return "none"
-    if shm_allreduce.usable(acc, cfg.shm_allreduce):
+    shm = shm_allreduce.usable(acc, cfg.shm_allreduce)
+    if cfg.sharding == "fsdp":  # FSDP2 reduce-scatters (shm_allreduce's or the process group's)
+        return f"{'shared memory' if shm else torch.distributed.get_backend()} reduce-scatter"
+    if shm:
         return "shared memory"
     return torch.distributed.get_backend() if torch.distributed.is_initialized() else "?"
 

@@ -111,8 +111,13 @@ def lr_factor(cfg: Config, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def check_schedule(cfg: Config, total_steps: int) -> None:
+    """UsageError if the schedule cannot fit the run (before anything is built or written)."""
     if cfg.warmup_steps >= total_steps:
         raise UsageError(f"--warmup-steps {cfg.warmup_steps} must be shorter than the run ({total_steps} "
                          "optimizer steps)")
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    check_schedule(cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, total_steps))

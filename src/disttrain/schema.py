@@ -204,12 +204,25 @@ def check_checkpoint(files: dict[str, Any], where: Path) -> None:
     if opt is not None:
         if not (isinstance(opt, dict) and isinstance(opt.get("param_groups"), list) and isinstance(opt.get("scalars"), dict)):
             raise _fail(w, "must be {param_groups: [...], scalars: {...}}")
+        # a sharded checkpoint (parallel.FullyShardedDataParallel) names parameters ("keyed_by": "fqn"),
+        # an unsharded one numbers them (their position in the optimizer)
+        by_name = opt.get("keyed_by") == "fqn"
+        if opt.get("keyed_by", "fqn") != "fqn":
+            raise _fail(w, f"keyed_by {opt['keyed_by']!r} must be \"fqn\" or absent")
+        ok_id = (lambda p: isinstance(p, str) and 0 < len(p) <= 1000) if by_name else (lambda p: _is_int(p) and p >= 0)
         for g in opt["param_groups"]:
-            if not (isinstance(g, dict) and isinstance(g.get("params"), list) and all(_is_int(p) and p >= 0 for p in g["params"])):
-                raise _fail(w, "every param group needs params: a list of parameter indices")
+            if not (isinstance(g, dict) and isinstance(g.get("params"), list) and all(ok_id(p) for p in g["params"])):
+                raise _fail(w, "every param group needs params: a list of parameter "
+                               + ("names" if by_name else "indices"))
         for pid, vals in opt["scalars"].items():
-            if not (pid.isdigit() and isinstance(vals, dict) and all(_is_num(v) or isinstance(v, bool) for v in vals.values())):
-                raise _fail(w, f"scalars {pid!r} must map a parameter index to numbers")
+            if not ((by_name or pid.isdigit()) and isinstance(vals, dict)
+                    and all(_is_num(v) or isinstance(v, bool) for v in vals.values())):
+                raise _fail(w, f"scalars {pid!r} must map a parameter {'name' if by_name else 'index'} to numbers")
+    tied = files.get("sharding.json")
+    if tied is not None and not (isinstance(tied, dict) and isinstance(tied.get("tied"), dict)
+                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in tied["tied"].items())
+                                 and set(tied) <= {"tied", "ema"} and isinstance(tied.get("ema", False), bool)):
+        raise _fail(what("sharding.json"), "must be {tied: {name: name}, ema: true/false}")
     ten = files.get("optimizer.safetensors")
     if ten is not None:
         bad = [k for k in ten if not (k.partition(".")[0].isdigit() and k.partition(".")[2])]
@@ -262,13 +275,31 @@ def check_weights_fit(model: torch.nn.Module, sd: dict[str, torch.Tensor], what:
 def check_resume_fits(saved: dict[str, Any], model: torch.nn.Module, optimizer: Any, scheduler: Any,
                       where: Path) -> None:
     """Before anything is written: the checkpoint's weights, optimizer state and scheduler state fit the
-    model, optimizer and scheduler this run built (names, counts, shapes, types)."""
-    check_weights_fit(model, saved["model.safetensors"], f"checkpoint {where}")
+    model, optimizer and scheduler this run built (names, counts, shapes, types). A sharded checkpoint
+    (--sharding fsdp) holds per-rank shards, whose shapes DCP checks as it loads them: here only its
+    parameter names and groups are checked."""
+    from disttrain.checkpoint import SHARDS
+
     w = f"checkpoint {where / 'optimizer.json'}"
     live = optimizer.state_dict()
-    meta, tensors = saved["optimizer.json"], saved["optimizer.safetensors"]
+    meta = saved["optimizer.json"]
     if [len(g["params"]) for g in meta["param_groups"]] != [len(g["params"]) for g in live["param_groups"]]:
         raise _fail(w, "parameter groups do not match the model's parameters")
+    if SHARDS in saved:
+        names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        unknown = [p for g in meta["param_groups"] for p in g["params"] if p not in names]
+        unknown += [p for p in meta["scalars"] if p not in names]
+        if unknown:
+            raise _fail(w, f"state for parameters {unknown[:3]} that the model does not have")
+    else:
+        _check_full_fits(saved, model, optimizer, where)
+    _check_scheduler_fits(saved, scheduler, where)
+
+
+def _check_full_fits(saved: dict[str, Any], model: torch.nn.Module, optimizer: Any, where: Path) -> None:
+    check_weights_fit(model, saved["model.safetensors"], f"checkpoint {where}")
+    w = f"checkpoint {where / 'optimizer.json'}"
+    meta, tensors = saved["optimizer.json"], saved["optimizer.safetensors"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for key, t in tensors.items():
         pid, _, name = key.partition(".")
@@ -280,6 +311,9 @@ def check_resume_fits(saved: dict[str, Any], model: torch.nn.Module, optimizer: 
     for pid in meta["scalars"]:
         if int(pid) >= len(params):
             raise _fail(w, f"state for parameter {pid}, but the model has {len(params)}")
+
+
+def _check_scheduler_fits(saved: dict[str, Any], scheduler: Any, where: Path) -> None:
     w = f"checkpoint {where / 'scheduler.json'}"
     sch, own = saved["scheduler.json"], scheduler.state_dict()
     if set(sch) != set(own):

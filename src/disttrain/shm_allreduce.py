@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -61,8 +62,9 @@ class ShmAllReduce:
         """Create (rank 0) and map (all ranks) the shared file; unlink it once mapped, so nothing outlives
         the job, even after kill -9. None (keep gloo) if rank 0 cannot reserve the space. Collective."""
         grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-        slot = min(MAX_SLOT_BYTES, -(-grad_bytes // 128) * 128)
         world = acc.num_processes
+        # at least 128 bytes per rank: a reduce-scatter round holds one piece for every rank
+        slot = min(MAX_SLOT_BYTES, max(-(-grad_bytes // 128) * 128, 128 * world))
         path = ""
         if acc.is_main_process:
             path = _create(2 * world * slot + world * FLAG_STRIDE * 8)
@@ -93,17 +95,47 @@ class ShmAllReduce:
         return buf
 
     def _round(self, part: torch.Tensor) -> None:
+        slots = self._exchange(part.numel(), part.dtype,
+                               lambda mine: torch.div(part, self.world, out=mine))  # divide and publish in one pass
+        torch.add(slots[0], slots[1], out=part)  # rank order on every rank: identical sums everywhere
+        for r in range(2, self.world):
+            part.add_(slots[r])
+
+    def all_gather_(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        """FSDP2's all-gather: `out` (1-D, world * n) = every rank's `inp` (1-D, n) in rank order."""
+        n = inp.numel()
+        dst = out.view(self.world, n)
+        chunk = self.slot_bytes // inp.element_size()
+        for start in range(0, n, chunk):
+            part = inp[start: start + chunk]
+            slots = self._exchange(part.numel(), part.dtype, lambda mine: mine.copy_(part))
+            dst[:, start: start + part.numel()].copy_(slots)
+
+    def reduce_scatter_(self, out: torch.Tensor, inp: torch.Tensor) -> None:
+        """FSDP2's reduce-scatter (sum): `out` (1-D, n) = the sum over ranks of their `inp` (1-D, world * n)
+        segment `rank`, added in rank order (deterministic: resumes stay bitwise)."""
+        n, w = out.numel(), self.world
+        src = inp.view(w, n)
+        chunk = self.slot_bytes // inp.element_size() // w
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            slots = self._exchange(w * k, inp.dtype, lambda mine: mine.view(w, k).copy_(src[:, start: start + k]))
+            mine = [slots[r].view(w, k)[self.rank] for r in range(w)]
+            torch.add(mine[0], mine[1], out=out[start: start + k])
+            for t in mine[2:]:
+                out[start: start + k].add_(t)
+
+    def _exchange(self, k: int, dtype: torch.dtype, fill: Callable[[torch.Tensor], Any]) -> torch.Tensor:
+        """One round: `fill` this rank's slot (k elements of dtype), publish it, wait for every peer's;
+        returns all slots, [world, k] (readable until the round after next)."""
         self.round += 1
-        k = part.numel()
-        slots = self.slots[self.round & 1].view(part.dtype)[:, :k]
-        torch.div(part, self.world, out=slots[self.rank])  # divide and publish in one pass
+        slots = self.slots[self.round & 1].view(dtype)[:, :k]
+        fill(slots[self.rank])
         self.flags[self.rank * FLAG_STRIDE] = self.round  # after the copy: x86 publishes stores in order
         for r in range(self.world):
             if r != self.rank:
                 self._wait(r)
-        torch.add(slots[0], slots[1], out=part)  # rank order on every rank: identical sums everywhere
-        for r in range(2, self.world):
-            part.add_(slots[r])
+        return slots
 
     def _wait(self, peer: int) -> None:
         flags, i, s = self.flags, peer * FLAG_STRIDE, self.round

@@ -5,12 +5,12 @@ Two functions are the whole contract with train.py:
 
 - `checkpoint_files(r, ...)` builds the `{file name: content}` mapping that `checkpoint.save_checkpoint`
   writes (tensors -> .safetensors, anything else -> .json);
-- `restore(saved, r_parts...)` puts a loaded checkpoint back, in two halves: `restore_before_prepare` (model
-  weights, scheduler, RNG, position: before Accelerate wraps the model) and `restore_after_prepare`
-  (optimizer and grad-scaler state, which must see the prepared objects).
+- `restore(saved, ...)` puts a loaded checkpoint back into the wrapped model (DDP or FSDP2) and the prepared
+  optimizer: model and optimizer through the parallel strategy (parallel.py: full or sharded state, any world
+  size), then scheduler, RNG, position and grad scaler.
 
-A new kind of state (an EMA of the weights, sharded FSDP state) adds its file in `checkpoint_files` and its
-restore in one of the two halves; the loop does not change. Only checkpoint.py knows how files are laid out
+A new kind of state (an EMA of the weights) adds its file in `checkpoint_files` and its restore in
+`restore`; the loop does not change. Only checkpoint.py knows how files are laid out
 on disk; this module only knows what they mean.
 """
 
@@ -116,16 +116,18 @@ def resume_config(cfg: Config) -> tuple[Config, str | None]:
 # --------------------------------------------------------------------------- save
 
 
-def checkpoint_files(r: Run, model: torch.nn.Module, rng: dict[str, torch.Tensor],
-                     position: dict[str, Any]) -> dict[str, Any]:
-    """The files of one checkpoint (main process). `model` is the unwrapped module, `rng` every rank's RNG
-    state (checkpoint.gather_rng, a collective done by all ranks before), `position` the Position as a dict
-    with the loop's not-yet-folded sums added. Returns {file name: tensors dict or JSON-able object}."""
-    opt_tensors, opt_meta = ckpt.optimizer_to_files(r.optimizer.state_dict())
+def shard_files(r: Run) -> dict[str, Any]:
+    """What every rank writes itself: its shards of model, optimizer and EMA under FSDP (r.par), else nothing."""
+    return r.par.checkpoint_state(r.model, r.optimizer, r.ema) if r.par.sharded else {}
+
+
+def checkpoint_files(r: Run, rng: dict[str, torch.Tensor], position: dict[str, Any],
+                     shards: dict[str, Any]) -> dict[str, Any]:
+    """The files of one checkpoint (main process). `rng` is every rank's RNG state (checkpoint.gather_rng, a
+    collective done by all ranks before), `position` the Position as a dict with the loop's not-yet-folded
+    sums added, `shards` this rank's shard_files(). Returns {file name: tensors dict or JSON-able object}."""
     files: dict[str, Any] = {
-        "model.safetensors": model.state_dict(),
-        "optimizer.safetensors": opt_tensors,
-        "optimizer.json": opt_meta,
+        **(shards or r.par.checkpoint_state(r.model, r.optimizer, r.ema)),  # model, optimizer, EMA: full or sharded
         "scheduler.json": r.scheduler.state_dict(),
         "rng.safetensors": rng,
         "model.json": r.model_meta,
@@ -135,8 +137,6 @@ def checkpoint_files(r: Run, model: torch.nn.Module, rng: dict[str, torch.Tensor
     }
     if getattr(r.acc, "scaler", None) is not None:
         files["scaler.json"] = r.acc.scaler.state_dict()
-    if r.ema is not None:  # --ema-decay: the averaged weights (checkpoint.load_weights prefers them)
-        files["ema.safetensors"] = r.ema.state_dict()
     return files
 
 
@@ -148,13 +148,16 @@ def position_dict(pos: Position, **override: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- restore
 
 
-def restore_before_prepare(saved: dict[str, Any], cfg: Config, acc: Any, model: torch.nn.Module,
-                           scheduler: Any, source: Any) -> Position:
-    """Model weights, scheduler, this rank's RNG streams and the position, before `acc.prepare`."""
+def restore(saved: dict[str, Any], cfg: Config, acc: Any, par: Any, model: torch.nn.Module, optimizer: Any,
+            scheduler: Any, source: Any, ema: Any = None) -> Position:
+    """Model and optimizer (through `par`, either layout, any world size), EMA weights, scheduler, grad
+    scaler, this rank's RNG streams and the position, into the wrapped model and prepared optimizer."""
     state = saved["state.json"]
     pos = Position.from_saved(state["position"])
     pos.resumes += 1
-    load_model_weights(model, saved["model.safetensors"], f"checkpoint {source}")
+    par.load_state(model, optimizer, saved, f"checkpoint {source}", ema)  # --ema-decay: the average too
+    if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
+        acc.scaler.load_state_dict(saved["scaler.json"])
     scheduler.load_state_dict(saved["scheduler.json"])
     gb = global_batch(cfg, acc.num_processes)
     if state["global_batch"] != gb:  # --allow-batch-change: continue from the sample count
@@ -167,20 +170,6 @@ def restore_before_prepare(saved: dict[str, Any], cfg: Config, acc: Any, model: 
                   "per-rank RNG streams (dropout) restart from the seed")
         seed_rank_streams(cfg.seed, acc.process_index, pos.step)
     return pos
-
-
-def restore_after_prepare(saved: dict[str, Any], acc: Any, optimizer: Any, ema: Any = None) -> None:
-    """Optimizer, grad-scaler and EMA state, into the prepared objects."""
-    if ema is not None:
-        if "ema.safetensors" not in saved:
-            from disttrain.errors import UsageError
-
-            raise UsageError("--resume: the checkpoint has no EMA weights (ema.safetensors) but --ema-decay is set")
-        ema.load_state_dict(saved["ema.safetensors"])
-    optimizer.load_state_dict(ckpt.optimizer_from_files(optimizer.state_dict(), saved["optimizer.safetensors"],
-                                                       saved["optimizer.json"]))
-    if "scaler.json" in saved and getattr(acc, "scaler", None) is not None:
-        acc.scaler.load_state_dict(saved["scaler.json"])
 
 
 def load_model_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:

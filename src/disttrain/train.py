@@ -13,7 +13,6 @@ import dataclasses
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +24,8 @@ from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
 from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
-                                   find_unused_parameters, is_launched, make_accelerator, plain_module,
-                                   resolve_precision, say, set_threads, shutdown, share_gradients,
-                                   start_parent_watchdog, topology)
+                                   find_unused_parameters, is_launched, make_accelerator, resolve_precision, say,
+                                   set_threads, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               cut, one_line)
 from disttrain.ema import EMA, averaged
@@ -35,10 +33,11 @@ from disttrain.evaluate import evaluate
 from disttrain.launch import report_refusal
 from disttrain.metrics import MetricsLog, epoch_line, step_line
 from disttrain.models import build_model, check_batch, is_conv_net, num_parameters
-from disttrain.optim import build_loss, build_optimizer, build_scheduler, loss_name
+from disttrain.optim import build_loss, build_optimizer, build_scheduler, check_schedule, loss_name
+from disttrain.parallel import make_parallel, resolve_sharding
 from disttrain.recovery import Progress, SaveClock, restart_line, restart_record
-from disttrain.state import (Position, checkpoint_files, load_model_weights, position_dict, restore_after_prepare,
-                             restore_before_prepare, resume_config, seed_rank_streams)
+from disttrain.state import (Position, checkpoint_files, load_model_weights, position_dict, restore, resume_config,
+                             seed_rank_streams, shard_files)
 from disttrain.summary import write_summary
 
 
@@ -70,6 +69,7 @@ class Run:
     model_meta: dict[str, Any]
     progress: Progress  # the last finished step, for the launcher's restarts (main process)
     save_clock: SaveClock  # --save-every-minutes
+    par: Any = None  # parallel.DataParallel or FullyShardedDataParallel: wrapping, gradient sync, state
     attempt_start: float = field(default_factory=time.time)
     save_s: float = 0.0
     bar: Any = None  # the epoch's progress bar, closed before a message that ends the run
@@ -150,9 +150,9 @@ def train(r: Run) -> None:
             opt.zero_grad(set_to_none=True)
             window_loss: Any = None
             for i, (x, y) in enumerate(window):
-                # --- all-reduce gradients once per optimizer step: skip DDP's sync on earlier micro-batches;
+                # --- reduce gradients once per optimizer step: no sync on earlier micro-batches (DDP or FSDP);
                 #     window.mode: a rank with no sample left in the epoch's last step joins with weight 0
-                with acc.no_sync(model) if i < len(window) - 1 else nullcontext(), window.mode(model):
+                with r.par.grad_sync(model, i == len(window) - 1), window.mode(model):
                     losses = r.loss_fn(model(x), y)  # per-sample losses, shape [batch]
                     # --- sum x processes / samples in the step (all ranks): after DDP's average over ranks
                     #     each sample weighs the same on any world size, micro-batching or partial last step
@@ -163,7 +163,7 @@ def train(r: Run) -> None:
             skipped = cfg.on_nonfinite == "skip" and _skip_nonfinite(r, window_loss)
             if not skipped:
                 if cfg.max_grad_norm:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    r.par.clip(model, cfg.max_grad_norm)  # the full model's norm, sharded or not
                 pos.last_lr = opt.param_groups[0]["lr"]
                 opt.step()
                 if r.ema is not None:  # --ema-decay: fold the new weights into the average
@@ -214,9 +214,7 @@ def _end_epoch(r: Run, meter: Meter) -> None:
                            "train_loss": pos.epoch_loss / max(1, pos.epoch_count)}
     for split in ("val", "eval"):
         if (r.data.val if split == "val" else r.data.test) is not None:
-            with averaged(r.ema):  # --ema-decay: the averaged weights are the ones evaluated and selected
-                rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val" if split == "val" else "test",
-                                    prefix=split))
+            rec.update(_evaluate(r, "val" if split == "val" else "test", split))
     rec["lr"] = pos.last_lr
     rec["samples_per_sec"] = pos.epoch_count / max(pos.epoch_train_s, 1e-9)
     if r.data.spec.vocab:
@@ -235,6 +233,13 @@ def _end_epoch(r: Run, meter: Meter) -> None:
     path = _save(r, meter)
     if improved and r.acc.is_main_process:
         ckpt.save_best(r.rundir, path, pos.best)
+
+
+def _evaluate(r: Run, split: str, prefix: str) -> dict[str, Any]:
+    """Metrics of the evaluated weights: the average under --ema-decay (swapped in before FSDP gathers
+    them), whole on every rank (ranks may run different numbers of batches: no collective inside)."""
+    with averaged(r.ema), r.par.unsharded(r.model):
+        return evaluate(r.model, r.data, r.loss_fn, r.acc, split, prefix=prefix)
 
 
 def _early_stop(r: Run, improved: bool) -> None:
@@ -258,8 +263,7 @@ def _eval_line(r: Run, meter: Meter) -> None:
         return
     t = time.perf_counter()
     rec: dict[str, Any] = {"kind": "eval", "epoch": r.pos.epoch + 1, "step": r.pos.step}
-    with averaged(r.ema):
-        rec.update(evaluate(r.model, r.data, r.loss_fn, r.acc, "val", prefix="val"))
+    rec.update(_evaluate(r, "val", "val"))
     rec["elapsed_s"] = _elapsed(r)
     r.metrics.write(rec)
     say(r.acc, f"step {r.pos.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k.startswith("val_")))
@@ -314,20 +318,22 @@ def _save(r: Run, meter: Meter) -> ckpt.Path:
     s, n, bad = meter.read(r.acc, "epoch")  # never save after a non-finite loss
     _fail_if_bad(r, bad)
     interval = meter.carried(r.acc) if r.pos.window > 0 else None  # (an epoch's end starts a new interval)
-    model = plain_module(r.acc, r.model)
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+    if not r.par.params_finite(r.model):
         raise TrainingError(f"non-finite weights at step {r.pos.step}; not saving. The last good checkpoint is kept")
     rng = ckpt.gather_rng(r.acc)
     path = r.rundir.step_dir(r.pos.step)
     failed: TrainingError | None = None
-    if r.acc.is_main_process:
+    main = r.acc.is_main_process
+    files = shard_files(r)  # FSDP: every rank writes its shards; else nothing on non-main ranks
+    if main:
         r.pos.checkpoints += 1
         position = position_dict(r.pos, elapsed_s=_elapsed(r), metrics_lines=r.metrics.lines(),
                                  epoch_loss=r.pos.epoch_loss + s, epoch_count=r.pos.epoch_count + n,
                                  epoch_train_s=r.pos.epoch_train_s + meter.train_s(r.save_s), interval=interval)
-        files = checkpoint_files(r, model, rng, position)
+        files = checkpoint_files(r, rng, position, files)
+    if files:
         try:
-            path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last)
+            path = ckpt.save_checkpoint(r.rundir, r.pos.step, files, r.cfg.keep_last, main=main, agree=r.sync.any)
         except TrainingError as e:  # disk full / unwritable: every rank stops together, exit 1
             failed = e
     if r.sync.any(failed is not None):
@@ -431,6 +437,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     started = time.time() if started is None else started
     cfg, resume_note = resume_config(cfg)  # --resume: the saved run's config, explicit flags changed
     cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
+    cfg.sharding = resolve_sharding(cfg)  # never silent DDP when the launch config asked for FSDP
     threads = set_threads()
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
@@ -475,13 +482,17 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     seed_rank_streams(cfg.seed, acc.process_index)  # training draws (dropout) differ per rank from here on
     if cfg.init_from:
         load_model_weights(model, ckpt.load_weights(cfg.init_from)[0], f"--init-from {cfg.init_from}")
-    optimizer = build_optimizer(cfg, model)
     total = data.steps_per_epoch() * cfg.epochs if cfg.max_steps is None else \
         min(cfg.max_steps, data.steps_per_epoch() * cfg.epochs)
-    scheduler = build_scheduler(cfg, optimizer, total)
+    check_schedule(cfg, total)
+    # refuses bad optimizer settings now and checks a resumed state against them; the optimizer that trains
+    # is built after wrapping, on the wrapped (maybe sharded) parameters
+    optimizer = build_optimizer(cfg, model)
     if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
-        schema.check_resume_fits(saved, model, optimizer, scheduler, source)
-    say(acc, topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why))
+        schema.check_resume_fits(saved, model, optimizer, build_scheduler(cfg, optimizer, total), source)
+    del optimizer
+    par = make_parallel(cfg, acc, cfg.sharding)
+    say(acc, f"{topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why)}, {par.describe(model)}")
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
     if cfg.dry_run:
@@ -499,18 +510,16 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
         if cfg.overwrite:
             rundir.clear()
         ckpt.write_atomic(rundir.config, to_yaml(cfg).encode())
-    pos = Position()
-    if saved is not None:
-        pos = restore_before_prepare(saved, cfg, acc, model, scheduler, source)
-    if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, below)
+    if cfg.sync_batchnorm and acc.num_processes > 1:  # (checked before anything was written, above)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = acc.prepare(model, optimizer)  # NOT the loaders (re-sharding) nor the scheduler
-    share_gradients(cfg, acc, model)  # one machine, CPU: all-reduce through shared memory, not gloo's TCP
-    ema = EMA(plain_module(acc, model), cfg.ema_decay) if cfg.ema_decay else None
+    model = par.wrap(model)  # DDP (Accelerate) or FSDP2, torch.compile'd if asked (parallel.py)
+    optimizer = build_optimizer(cfg, model)  # on the wrapped (maybe sharded) parameters
+    scheduler = build_scheduler(cfg, optimizer, total)
+    optimizer = par.prepare_optimizer(optimizer)
+    pos = Position()
+    ema = EMA(par.unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     if saved is not None:
-        restore_after_prepare(saved, acc, optimizer, ema)
+        pos = restore(saved, cfg, acc, par, model, optimizer, scheduler, source, ema)
     tracker = _tracker(cfg, acc, rundir, pos.step if saved is not None else 0)
     metrics = MetricsLog(rundir.metrics, acc.is_main_process, tracker)
     metrics.open(keep_lines=saved["state.json"]["position"]["metrics_lines"] if saved else 0,
@@ -525,7 +534,7 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
         say(acc, restart_line(restart))
     return Run(cfg, acc, model, optimizer, scheduler, loss_fn, data, rundir, metrics, Sync(acc), stop, pos,
                total, meta, Progress(rundir.progress, acc.is_main_process),
-               SaveClock(cfg.save_every_minutes, acc.is_main_process), attempt_start=started, ema=ema)
+               SaveClock(cfg.save_every_minutes, acc.is_main_process), par=par, attempt_start=started, ema=ema)
 
 
 def _earlier_metrics(rundir: ckpt.RunDir, source: ckpt.Path | None) -> ckpt.Path | None:
@@ -569,9 +578,14 @@ def _tracker(cfg: Config, acc: Any, rundir: ckpt.RunDir, resume_step: int = 0) -
 
 def finish(r: Run) -> None:
     """Export the final model and the summary (main process)."""
-    model = plain_module(r.acc, r.model)
-    if r.acc.is_main_process:  # with --ema-decay the averaged weights (those evaluated) are the model
-        ckpt.export_model(r.rundir, r.ema.state_dict() if r.ema is not None else model.state_dict(), r.model_meta)
+    # with --ema-decay the averaged weights (those evaluated) are the model
+    tensors = r.par.full_state_dict(r.model) if r.ema is None else r.par.gathered(r.ema.state_dict())
+    full = {}
+    for name, tensor in tensors:  # FSDP: gathered one tensor at a time, on every rank
+        if r.acc.is_main_process:
+            full[name] = tensor
+    if r.acc.is_main_process:
+        ckpt.export_model(r.rundir, full, r.model_meta)
         say(r.acc, f"done: {r.pos.step} steps, model in {r.rundir.model}")
     write_summary(r)  # every rank (host names are gathered); the main process writes summary.json
     r.acc.wait_for_everyone()
