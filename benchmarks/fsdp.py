@@ -85,7 +85,7 @@ def one(kind: str, args: argparse.Namespace, acc: Any, work: Path) -> dict[str, 
                         "--fsdp-reshard-after-forward" if args.reshard else "--no-fsdp-reshard-after-forward"])
     torch.manual_seed(0)
     model = Stack(args.width, args.depth)
-    par = make_parallel(cfg, acc, kind)
+    par = make_parallel(cfg, acc, kind, model)
     model = par.wrap(model)
     opt = par.prepare_optimizer(build_optimizer(cfg, model))
     raw = getattr(opt, "optimizer", opt)

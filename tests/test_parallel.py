@@ -274,3 +274,59 @@ def test_fsdp_resumes_from_two_ranks_on_three(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "sharding fsdp2 (3 ranks" in p.stdout and "resumed from" in p.stdout
     assert max_diff(weights(out), weights(ref)) < 1e-6
+
+
+@pytest.mark.slow
+def test_conv_nets_shard_with_channels_last_turned_off(tmp_path, fmnist_dir):
+    """A conv net under FSDP (channels_last is disttrain's default for them, but FSDP2 takes contiguous
+    parameters only): it trains, says so in one note, and matches one process (lenet: no batch norm, whose
+    statistics are per process)."""
+    args = ["--data-dir", str(fmnist_dir), "--model", "lenet", "--epochs", "1", "--max-steps", "4", "--no-progress",
+            "--optimizer", "adamw"]
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    p = run(launch(1) + args + ["--batch-size", "32", "--output-dir", str(one)], env=env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run(launch(2) + args + ["--batch-size", "16", "--output-dir", str(fsdp), "--sharding", "fsdp"], env=env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("channels_last memory format is off under --sharding fsdp") == 1
+    assert json.loads((fsdp / "model.json").read_text())["channels_last"] is False
+    assert max_diff(weights(fsdp), weights(one)) < 1e-5
+
+
+def test_fsdp_refuses_a_scalar_parameter_in_one_line(tmp_path):
+    """fully_shard cannot shard a 0-dim parameter: one line, exit 2, nothing written (2 real processes)."""
+    import os
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "scalar_plugin.py").write_text("""
+import torch
+from torch import nn
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+def scaled(**kw):
+    return Scaled()
+""")
+    out = tmp_path / "run"
+    path = os.pathsep.join([str(tmp_path / "plugins"), os.environ.get("PYTHONPATH", "")])
+    cmd = [PY, "-m", "disttrain.launch", "--config_file", str(LAUNCH / "cpu-multi.yaml"), "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--"]  # the launcher that turns a refusal into exit 2
+    p = run(cmd + EQ + ["--batch-size", "16", "--output-dir", str(out), "--sharding", "fsdp", "--model",
+                        "scalar_plugin:scaled", "--model-kwargs", "{}"], env=env(PYTHONPATH=path))
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]  # the launcher repeats the worker's refusal as the last line
+    assert last.startswith("disttrain: error: --sharding fsdp: parameter 'scale' is a scalar") and not out.exists()
+
+
+def test_launch_refuses_impossible_fsdp_combinations_before_starting(tmp_path):
+    out = tmp_path / "run"
+    p = run([PY, "-m", "disttrain.launch", "--num_processes", "2", "--", *EQ, "--batch-size", "16",
+             "--output-dir", str(out), "--sharding", "fsdp", "--mixed-precision", "fp16"], env=env())
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "fp16" in p.stderr and not out.exists()

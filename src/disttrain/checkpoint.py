@@ -3,7 +3,7 @@
     <run>/config.yaml  metrics.jsonl  model.safetensors  model.json  summary.json  status.json  .lock  .progress
     <run>/checkpoints/step_00000100/   model.safetensors  optimizer.safetensors  optimizer.json
                                        rng.safetensors  state.json  model.json  [scaler.json]  [ema.safetensors]  manifest.json
-    <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000R-model-00001-of-00001.safetensors
+    <run>/checkpoints/step_00000100/   (--sharding fsdp) shards/shard-0000K-model-00001-of-00001.safetensors (K = rank + 1)
                                        (one per rank: its dim-0 shards of model.<name>, optim.<name>.<state> and
                                        [ema.<name>], offsets in the safetensors header) sharding.json (tied
                                        names, whether ema.* exist)
@@ -31,6 +31,7 @@ import socket
 import stat
 import struct
 import time
+import warnings
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -809,7 +810,9 @@ def read_shards_full(saved: dict[str, Any]) -> dict[str, torch.Tensor]:
     try:
         meta = reader.read_metadata()
         out = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.state_dict_metadata.items()}
-        dcp.load(out, storage_reader=_reader(saved), no_dist=True)
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": reading alone is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, storage_reader=_reader(saved), no_dist=True)
     except (_checkpoint_exception(), RuntimeError, ValueError, KeyError, AssertionError, OSError) as e:
         raise UsageError(f"checkpoint {saved[SHARDS].parent}: unreadable shards "
                          f"({type(e).__name__}: {one_line(e)[:300]})") from None

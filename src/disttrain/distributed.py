@@ -104,7 +104,8 @@ def gradient_path(cfg: Config, acc: Any) -> str:
     if acc.num_processes == 1:
         return "none"
     shm = shm_allreduce.usable(acc, cfg.shm_allreduce)
-    if cfg.sharding == "fsdp":  # FSDP2 reduce-scatters (shm_allreduce's or the process group's)
+    if cfg.sharding == "fsdp":  # FSDP2 reduce-scatters (shm_allreduce's where FSDP2 takes it, or the group's)
+        shm = shm and shm_allreduce.fsdp_hooks_available()
         return f"{'shared memory' if shm else torch.distributed.get_backend()} reduce-scatter"
     if shm:
         return "shared memory"
@@ -163,10 +164,12 @@ def topology(acc: Any, cfg: Config, steps_per_epoch: int, threads: int, unused: 
             f"{acc.mixed_precision}{f' ({precision_why})' if precision_why else ''}, {steps_per_epoch} steps/epoch"
             + (f", {len(unused)} parameter(s) unused by the loss ({', '.join(unused[:3])}"
                f"{', ...' if len(unused) > 3 else ''}): "
-               + ("DDP finds unused parameters every step" if acc.num_processes > 1 else "they get no gradient")
+               + ("DDP finds unused parameters every step" if acc.num_processes > 1 and cfg.sharding != "fsdp"
+                  else "they get no gradient")
                if unused else "")
             + (", DDP finds unused parameters every step (--find-unused-parameters)"
-               if cfg.find_unused_parameters and not unused and acc.num_processes > 1 else ""))
+               if cfg.find_unused_parameters and not unused and acc.num_processes > 1 and cfg.sharding != "fsdp"
+               else ""))
 
 
 class Sync:

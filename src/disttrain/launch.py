@@ -175,7 +175,11 @@ def _read_refusal(path: Path) -> str | None:
 def check(flags: list[str]) -> int:
     """Validate disttrain.train flags only: 0, or 2 after printing the one-line error (slurm/train.sh)."""
     try:
-        parse_config(flags, prog=PROG)
+        cfg = parse_config(flags, prog=PROG)
+        if cfg.sharding == "fsdp":  # the combinations FSDP2 cannot train, before any worker starts
+            from disttrain.parallel import resolve_sharding  # (imports torch: only when it matters)
+
+            resolve_sharding(cfg)
     except UsageError as e:
         print(f"disttrain: error: {cut(e)}", file=sys.stderr)
         return EXIT_USAGE

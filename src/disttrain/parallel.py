@@ -79,9 +79,15 @@ def reshard_after_forward(cfg: Config) -> bool:
     return True
 
 
-def make_parallel(cfg: Config, acc: Any, kind: str) -> DataParallel | FullyShardedDataParallel:
-    """The strategy for this run. FSDP on one process has nothing to shard: plain training (same results)."""
+def make_parallel(cfg: Config, acc: Any, kind: str, model: nn.Module) -> DataParallel | FullyShardedDataParallel:
+    """The strategy for this run (`model`: the plain module it will wrap). FSDP on one process has nothing to
+    shard: plain training (same results). UsageError for a model FSDP2 cannot shard, before anything is
+    written: a 0-dim parameter (fully_shard shards along dim 0)."""
     if kind == "fsdp" and acc.num_processes > 1:
+        scalars = [n for n, p in model.named_parameters() if p.ndim == 0]
+        if scalars:
+            raise UsageError(f"--sharding fsdp: parameter {scalars[0]!r} is a scalar (0-dim); FSDP2 shards along "
+                             "dimension 0: make it shape [1] in the model, or use --sharding none")
         return FullyShardedDataParallel(cfg, acc)
     return DataParallel(cfg, acc, asked_fsdp=kind == "fsdp")
 
@@ -103,6 +109,7 @@ class DataParallel:
     """Replicas: Accelerate's DDP (or nothing, on one process); checkpoints hold the full state."""
 
     sharded = False
+    channels_last = True  # conv weights may be channels_last (non-contiguous)
 
     def __init__(self, cfg: Config, acc: Any, asked_fsdp: bool = False):
         self.cfg, self.acc, self.asked_fsdp = cfg, acc, asked_fsdp
@@ -178,6 +185,7 @@ class FullyShardedDataParallel:
     """FSDP2 over all processes: dim-0 shards of every parameter, gradient and optimizer state."""
 
     sharded = True
+    channels_last = False  # fully_shard takes contiguous parameters only (channels_last conv weights are not)
 
     def __init__(self, cfg: Config, acc: Any):
         from torch.distributed.device_mesh import init_device_mesh

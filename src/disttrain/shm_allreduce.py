@@ -45,6 +45,17 @@ def usable(acc: Any, enabled: bool) -> bool:
             and SHM_DIR.is_dir() and os.access(SHM_DIR, os.W_OK))
 
 
+def fsdp_hooks_available() -> bool:
+    """Whether this torch's FSDP2 takes custom all-gather/reduce-scatter collectives (torch >= 2.8)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter  # noqa: F401
+    except ImportError:
+        return False
+    return all(hasattr(FSDPModule, f) for f in ("set_custom_all_gather", "set_custom_reduce_scatter",
+                                                 "set_force_sum_reduction_for_comms"))
+
+
 class ShmAllReduce:
     """A DDP communication hook that averages gradient buckets through a shared mapping (one machine)."""
 

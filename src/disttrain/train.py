@@ -469,7 +469,12 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     model = build_model(cfg.model, cfg.model_kwargs, data.spec)
     name = loss_name(cfg, data.spec.task)
     loss_fn = build_loss(cfg, data.spec.task)
+    par = make_parallel(cfg, acc, cfg.sharding, model)  # DDP or FSDP2 (parallel.py); refuses what cannot shard
     channels_last = cfg.channels_last and is_conv_net(model) and len(data.spec.input_shape) == 3
+    if channels_last and not par.channels_last:
+        channels_last = False
+        say(acc, "disttrain: note: channels_last memory format is off under --sharding fsdp (FSDP2 shards "
+                 "contiguous parameters only)")
     model.to(acc.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -491,7 +496,6 @@ def _setup_run(cfg: Config, stop: StopSignal, acc: Any, rundir: ckpt.RunDir, thr
     if saved is not None:  # everything in the checkpoint fits what this run built, before anything is written
         schema.check_resume_fits(saved, model, optimizer, build_scheduler(cfg, optimizer, total), source)
     del optimizer
-    par = make_parallel(cfg, acc, cfg.sharding)
     say(acc, f"{topology(acc, cfg, data.steps_per_epoch(), threads, unused, precision_why)}, {par.describe(model)}")
     meta = {"model": cfg.model, "model_kwargs": cfg.model_kwargs, "dataset": cfg.dataset,
             "loss": name, "spec": dataclasses.asdict(data.spec), "channels_last": channels_last}
