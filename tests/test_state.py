@@ -42,6 +42,7 @@ def test_resume_auto_continues_with_the_saved_config(tmp_path, reference, capsys
     stdout = capsys.readouterr().out
     assert f"resume: continuing {out} with its saved config" in stdout and "no setting changed" in stdout
     assert "resumed from" in stdout and "step_00000006" in stdout
+    assert "mixed precision no (the resumed run's setting)" in stdout  # not "(--mixed-precision)": no flag given
     assert bitwise_equal(weights(out), weights(reference))  # 2 epochs, one-cycle over 20 steps, as saved
     assert [r["step"] for r in records(out) if r["kind"] == "epoch"] == [10, 20]
     # an explicit flag changes only its key, and one line says so

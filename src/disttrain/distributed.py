@@ -27,7 +27,8 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
     """(mixed precision, where it came from): the flag wins, then the launch config (Accelerate exports it),
     else full precision. `auto` picks by the device (hardware.auto_precision)."""
     mp = cfg.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
-    why = "--mixed-precision" if cfg.mixed_precision else \
+    given = "mixed_precision" in getattr(cfg, "explicit", {"mixed_precision"})  # else a resumed run's saved value
+    why = ("--mixed-precision" if given else "the resumed run's setting") if cfg.mixed_precision else \
         "the launch config" if os.environ.get("ACCELERATE_MIXED_PRECISION") else "default"
     if mp not in ("no", "bf16", "fp16", "auto"):
         raise UsageError(f"mixed precision {mp!r} from the launch config is not supported; use no, bf16, fp16 or auto")
