@@ -137,9 +137,11 @@ def one(kind: str, args: argparse.Namespace, acc: Any, work: Path) -> dict[str, 
 
 def worker(args: argparse.Namespace) -> None:
     from disttrain.config import parse_config
+    from disttrain import hardware
     from disttrain.distributed import make_accelerator, set_threads
 
     set_threads()
+    hardware.tune_malloc(os.environ)  # as train() does
     acc = make_accelerator(parse_config(["--dataset", "synthetic_classification"]), "no")
     work = Path(args.workdir)
     rounds = []

@@ -187,3 +187,71 @@ def test_contention_watch_says_it_once(monkeypatch, capfd):
     assert not hw.ContentionWatch(threads=1, local_processes=1).enabled
     monkeypatch.setenv("DISTTRAIN_CONTENTION_NOTE", "0")
     assert not hw.ContentionWatch(threads=2, local_processes=1).enabled
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+@pytest.mark.parametrize("env, tuned", [
+    ({}, True),
+    ({"DISTTRAIN_MALLOC": "0"}, False),
+    ({"MALLOC_TRIM_THRESHOLD_": "1000000"}, False),
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000"}, False),
+    ({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2"}, True),
+    ({"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"}, False),
+])
+def test_tune_malloc_sets_glibcs_ceiling_unless_the_user_chose(env, tuned):
+    libc = _FakeLibc()
+    assert hw.tune_malloc(env, libc) is tuned
+    want = [(hw.M_MMAP_THRESHOLD, 32 << 20), (hw.M_TRIM_THRESHOLD, 64 << 20)] if tuned else []
+    assert libc.calls == want
+
+
+FAULTS = """
+import os, resource, sys, torch
+from disttrain import hardware
+if sys.argv[1] == "tuned":
+    assert hardware.tune_malloc({})
+def step():  # a forward keeps its activations; the backward frees them last-in first-out, allocating gradients
+    acts = [torch.ones(n) for n in (100_000, 400_000, 300_000, 100_000, 400_000, 300_000)]
+    grads = []
+    while acts:
+        a = acts.pop()
+        grads.append(torch.ones(a.numel() // 2 + 50_000))
+        del a
+    del grads
+for _ in range(5):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(30):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(hw._glibc() is None, reason="glibc's allocator only")
+def test_tuned_malloc_stops_page_faults_at_every_step():
+    """A step's pattern of allocations (real processes, page faults counted by the kernel): glibc's default
+    returns freed memory to the kernel and faults it in again every step; tuned, the pages are reused."""
+    env = {k: v for k, v in os.environ.items() if k not in hw.MALLOC_ENV and k != "GLIBC_TUNABLES"}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", FAULTS, mode], env=env, check=True, text=True,
+                                       capture_output=True).stdout) for mode in ("plain", "tuned")}
+    pages = 30 * 4 * (1_600_000 + 1_100_000) // 4096  # touched in the 30 counted steps (~80k)
+    assert faults["plain"] > pages // 10, faults  # the default allocator re-faults a share of every step
+    assert faults["tuned"] < pages // 100, faults
+
+
+def test_training_tunes_the_allocator(monkeypatch, tmp_path):
+    from disttrain.train import main
+
+    seen = []
+    monkeypatch.setattr(hw, "tune_malloc", lambda env, libc=None: seen.append(dict(env)) or True)
+    assert main(["--dataset", "synthetic_classification", "--model", "mlp", "--max-steps", "1", "--epochs", "1",
+                 "--output-dir", str(tmp_path / "r"), "--no-progress"]) == 0
+    assert len(seen) == 1

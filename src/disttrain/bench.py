@@ -51,6 +51,8 @@ from typing import Any
 
 import torch
 
+from disttrain import hardware
+
 WARM = 50  # steps before timing starts (also disttrain's default --log-every)
 OPTIM = {"lenet": ["--optimizer", "sgd", "--lr", "0.001", "--momentum", "0.9"],
          "cnn": ["--optimizer", "adam", "--lr", "0.001"], "mlp": ["--optimizer", "adam", "--lr", "0.001"]}
@@ -411,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=64, help="lm: tokens per window")
     p.add_argument("--recipe", default=None, help="lm: compare this recipe (val loss, wall time) with the hand loop")
     a = p.parse_args(argv)
+    # the in-process candidates share one allocator: set it up as train() does before any of them runs, so
+    # the order of the candidates does not decide which one pays glibc's default page faults
+    hardware.tune_malloc(os.environ)
     if a.workload == "lm":
         return _main_lm(a)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -20,7 +20,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from disttrain import checkpoint as ckpt
-from disttrain import schema
+from disttrain import hardware, schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
 from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
@@ -439,6 +439,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
     cfg.sharding = resolve_sharding(cfg)  # never silent DDP when the launch config asked for FSDP
     threads = set_threads()
+    hardware.tune_malloc(os.environ)  # keep freed memory for the next step (no page faults at every step)
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
     if cfg.output_dir is None:  # one timestamp for all ranks
