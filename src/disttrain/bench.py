@@ -270,8 +270,6 @@ def bench_contention(name: str, data_dir: str, steps: int, batch: int, cap_s: fl
                      round_no: int) -> dict[str, float]:
     """One round: with a busy process pinned to our last CPU, default / 1 thread / all threads / spinning;
     then, without it, default / spinning. Order alternates with the round."""
-    from disttrain import hardware
-
     cpus = sorted(hardware.affinity())
     n = hardware.usable_cpus(set(cpus), hardware.cgroup_cpu_limit())
     spin = {"GOMP_SPINCOUNT": "300000"}  # libgomp's default when OMP_WAIT_POLICY is unset
@@ -333,7 +331,6 @@ def tta_hand(data_dir: str, target: float) -> dict[str, Any]:
     picks it, evaluation under inference_mode; test accuracy at every epoch end."""
     import yaml
 
-    from disttrain import hardware
     from disttrain.data.builtin import IMAGE_DATASETS, _load_image_dataset, _prepare_image_dataset
     from disttrain.models import BUILTIN
 
@@ -485,7 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         tta.append(got)
 
     summary = {m: {k: median(v) for k, v in d.items()} for m, d in rows.items()}
-    from disttrain import hardware
 
     all_cpus = hardware.usable_cpus(hardware.affinity(), hardware.cgroup_cpu_limit())
     names = {"a": "a tutorial loop", "b": "b bare tensors", "c": "c disttrain 1 proc", "d2p": "d 2 proc x 1 thr",
