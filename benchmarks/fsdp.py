@@ -137,11 +137,9 @@ def one(kind: str, args: argparse.Namespace, acc: Any, work: Path) -> dict[str, 
 
 def worker(args: argparse.Namespace) -> None:
     from disttrain.config import parse_config
-    from disttrain import hardware
-    from disttrain.distributed import make_accelerator, set_threads
+    from disttrain.distributed import configure_cpu, make_accelerator
 
-    set_threads()
-    hardware.tune_malloc(os.environ)  # as train() does
+    configure_cpu()  # threads and allocator, as train() does
     acc = make_accelerator(parse_config(["--dataset", "synthetic_classification"]), "no")
     work = Path(args.workdir)
     rounds = []

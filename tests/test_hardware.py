@@ -79,12 +79,23 @@ def test_default_threads(cpus, quota, local, env, want):
 
 
 def test_bad_thread_count_is_a_usage_error(monkeypatch):
-    from disttrain.distributed import set_threads
+    from disttrain.distributed import configure_cpu
     from disttrain.errors import UsageError
 
     monkeypatch.setenv("DISTTRAIN_THREADS", "two")
     with pytest.raises(UsageError, match="DISTTRAIN_THREADS='two'"):
-        set_threads()
+        configure_cpu()
+
+
+def test_bad_malloc_switch_is_one_line_and_exit_2_before_anything_is_written(tmp_path):
+    env = dict(os.environ, DISTTRAIN_MALLOC="off")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "disttrain.train", "--dataset", "synthetic_classification", "--model",
+                        "mlp", "--max-steps", "1", "--output-dir", str(out), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "disttrain: error: DISTTRAIN_MALLOC='off': expected 0 (leave glibc's allocator alone) or 1"
+    assert not out.exists()
 
 
 def test_configure_openmp_keeps_a_users_choice():

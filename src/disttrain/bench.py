@@ -482,7 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         tta.append(got)
 
     summary = {m: {k: median(v) for k, v in d.items()} for m, d in rows.items()}
-
     all_cpus = hardware.usable_cpus(hardware.affinity(), hardware.cgroup_cpu_limit())
     names = {"a": "a tutorial loop", "b": "b bare tensors", "c": "c disttrain 1 proc", "d2p": "d 2 proc x 1 thr",
              "d1p": "d 1 proc x 2 thr", "c/a": "c/a (target >= 2.2)", "c/b": "c/b (target >= 0.95)",

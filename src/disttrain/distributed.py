@@ -41,11 +41,14 @@ def resolve_precision(cfg: Config) -> tuple[str, str]:
     return mp, why
 
 
-def set_threads() -> int:
-    """Intra-op threads = usable CPUs (affinity mask, cgroup quota) / processes on this node, unless
-    DISTTRAIN_THREADS says otherwise (hardware.default_threads)."""
+def configure_cpu() -> int:
+    """This process's CPU setup; returns its intra-op threads: usable CPUs (affinity mask, cgroup quota) /
+    processes on this node unless DISTTRAIN_THREADS says otherwise (hardware.default_threads), and glibc's
+    allocator keeping freed memory for the next step (hardware.tune_malloc). A bad DISTTRAIN_* value:
+    UsageError."""
     try:
         n = hardware.default_threads(os.environ, hardware.affinity(), hardware.cgroup_cpu_limit())
+        hardware.tune_malloc(os.environ)
     except ValueError as e:
         raise UsageError(str(e)) from None
     torch.set_num_threads(n)

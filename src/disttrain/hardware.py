@@ -275,6 +275,7 @@ MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt() parameter numbers (malloc.h)
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")  # a user's choice wins
+OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")  # preloaded: mallopt would tune an unused allocator
 
 
 def tune_malloc(env: Mapping[str, str], libc: Any = None) -> bool:
@@ -287,11 +288,14 @@ def tune_malloc(env: Mapping[str, str], libc: Any = None) -> bool:
     freed heap per process may stay mapped. Nothing is done (False) with DISTTRAIN_MALLOC=0, when the user set
     MALLOC_*_ or glibc.malloc tunables, when LD_PRELOAD brings another allocator, or off glibc.
     `libc`: an object with mallopt(param, value) -> int (tests); default the process's C library.
+    Raises ValueError naming DISTTRAIN_MALLOC if it is not 0 or 1.
     """
+    switch = env.get("DISTTRAIN_MALLOC", "1").strip()
+    if switch not in ("0", "1", ""):
+        raise ValueError(f"DISTTRAIN_MALLOC={switch!r}: expected 0 (leave glibc's allocator alone) or 1")
     preload = env.get("LD_PRELOAD", "")
-    if (env.get("DISTTRAIN_MALLOC", "1") == "0" or any(k in env for k in MALLOC_ENV)
-            or "glibc.malloc." in env.get("GLIBC_TUNABLES", "") or "jemalloc" in preload or "tcmalloc" in preload
-            or "mimalloc" in preload):
+    if (switch == "0" or any(k in env for k in MALLOC_ENV) or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+            or any(name in preload for name in OTHER_ALLOCATORS)):
         return False
     libc = _glibc() if libc is None else libc
     if libc is None:

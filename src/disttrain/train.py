@@ -20,12 +20,12 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from disttrain import checkpoint as ckpt
-from disttrain import hardware, schema
+from disttrain import schema
 from disttrain.config import Config, config_diff, default_output_dir, parse_config, to_yaml
 from disttrain.data import Data, load_data
 from disttrain.distributed import (UNUSED_HINT, StopSignal, Sync, broadcast_str, contention_watch,
                                    find_unused_parameters, is_launched, make_accelerator, resolve_precision, say,
-                                   set_threads, shutdown, start_parent_watchdog, topology)
+                                   configure_cpu, shutdown, start_parent_watchdog, topology)
 from disttrain.errors import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingError, UsageError,
                               cut, one_line)
 from disttrain.ema import EMA, averaged
@@ -438,8 +438,7 @@ def setup(cfg: Config, stop: StopSignal, started: float | None = None) -> Run | 
     cfg, resume_note = resume_config(cfg)  # --resume: the saved run's config, explicit flags changed
     cfg.mixed_precision, precision_why = resolve_precision(cfg)  # `auto` becomes what was chosen
     cfg.sharding = resolve_sharding(cfg)  # never silent DDP when the launch config asked for FSDP
-    threads = set_threads()
-    hardware.tune_malloc(os.environ)  # keep freed memory for the next step (no page faults at every step)
+    threads = configure_cpu()  # threads, allocator
     start_parent_watchdog()
     acc = make_accelerator(cfg, cfg.mixed_precision)
     if cfg.output_dir is None:  # one timestamp for all ranks
