@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -23,3 +24,11 @@ def test_lm_benchmark_runs_and_reports_ratios(tmp_path):
     res = json.loads(out.read_text())
     ratio = res["median"]["gpt"]["c/b"]
     assert res["rounds"] == 1 and ratio > 0 and ratio == res["median"]["gpt"]["c"] / res["median"]["gpt"]["b"]
+
+
+def test_bad_malloc_switch_is_one_line_exit_2(tmp_path):
+    env = dict(os.environ, DISTTRAIN_MALLOC="off")
+    r = subprocess.run([sys.executable, "-m", "disttrain.bench", "--rounds", "0", "--data-dir", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "disttrain: error: DISTTRAIN_MALLOC='off': expected 0 (leave glibc's allocator alone) or 1"]

@@ -46,6 +46,21 @@ def test_bad_flag_starts_nothing(monkeypatch, capsys, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("var, value", [("DISTTRAIN_MALLOC", "off"), ("DISTTRAIN_THREADS", "two")])
+def test_bad_disttrain_env_starts_nothing(monkeypatch, capsys, tmp_path, var, value):
+    """A DISTTRAIN_* setting every worker would refuse is refused once, here, before any worker starts."""
+    def no_popen(*a, **k):
+        raise AssertionError("a child was started for bad input")
+
+    monkeypatch.setattr(launch.subprocess, "Popen", no_popen)
+    monkeypatch.setenv(var, value)
+    out = tmp_path / "run"
+    code = launch.main(["--num_processes", "2", "--", *SYNTH, "--output-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"disttrain: error: {var}={value!r}: expected")
+    assert not out.exists()
+
+
 def test_bad_flag_subprocess_one_line(tmp_path):
     t = time.monotonic()
     p = run([PY, "-m", "disttrain.launch", "--num_processes", "2", "--", "--no-such-flag"], cwd=tmp_path)

@@ -412,7 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     # the in-process candidates share one allocator: set it up as train() does before any of them runs, so
     # the order of the candidates does not decide which one pays glibc's default page faults
-    hardware.tune_malloc(os.environ)
+    try:
+        hardware.tune_malloc(os.environ)
+    except ValueError as e:
+        print(f"disttrain: error: {e}", file=sys.stderr)
+        return 2
     if a.workload == "lm":
         return _main_lm(a)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -16,7 +16,7 @@
 - Memory allocator: glibc returns the top of its heap to the kernel whenever more than M_TRIM_THRESHOLD is
   free there (128 KiB by default, raised only by freeing a large mmap'ed block), so a training step's
   transient tensors are page-faulted in again at every step. `tune_malloc` sets the thresholds glibc's own
-  dynamic rule tops out at: the process keeps up to 64 MiB of freed memory for the next step.
+  dynamic rule tops out at: each malloc arena keeps up to 64 MiB of freed memory for the next step.
 - Mixed precision `auto`: bf16 where the device computes it natively, else fp16 + a grad scaler on GPUs,
   else fp32.
 """
@@ -285,22 +285,36 @@ def tune_malloc(env: Mapping[str, str], libc: Any = None) -> bool:
     reaches after the process frees one 32 MiB block (a loop that happens to free a large temporary at start-up
     runs in this state by accident). Measured here (docs/performance.md, "The allocator"): the char GPT recipe's
     step took 5% longer and 2.2x the minor page faults without it. Peak memory is unchanged; up to 64 MiB of
-    freed heap per process may stay mapped. Nothing is done (False) with DISTTRAIN_MALLOC=0, when the user set
+    freed heap per malloc arena may stay mapped. Nothing is done (False) with DISTTRAIN_MALLOC=0, when the user set
     MALLOC_*_ or glibc.malloc tunables, when LD_PRELOAD brings another allocator, or off glibc.
     `libc`: an object with mallopt(param, value) -> int (tests); default the process's C library.
     Raises ValueError naming DISTTRAIN_MALLOC if it is not 0 or 1.
     """
-    switch = env.get("DISTTRAIN_MALLOC", "1").strip()
-    if switch not in ("0", "1", ""):
-        raise ValueError(f"DISTTRAIN_MALLOC={switch!r}: expected 0 (leave glibc's allocator alone) or 1")
-    preload = env.get("LD_PRELOAD", "")
-    if (switch == "0" or any(k in env for k in MALLOC_ENV) or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
-            or any(name in preload for name in OTHER_ALLOCATORS)):
+    if not malloc_wanted(env):
         return False
     libc = _glibc() if libc is None else libc
     if libc is None:
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def malloc_wanted(env: Mapping[str, str]) -> bool:
+    """Whether tune_malloc may change the allocator (see there). Raises ValueError naming DISTTRAIN_MALLOC if it
+    is not 0 or 1 (empty or unset: 1)."""
+    switch = env.get("DISTTRAIN_MALLOC", "1").strip()
+    if switch not in ("0", "1", ""):
+        raise ValueError(f"DISTTRAIN_MALLOC={env['DISTTRAIN_MALLOC']!r}: expected 0 (leave glibc's allocator alone) "
+                         "or 1")
+    preload = env.get("LD_PRELOAD", "")
+    return not (switch == "0" or any(k in env for k in MALLOC_ENV) or "glibc.malloc." in env.get("GLIBC_TUNABLES", "")
+                or any(name in preload for name in OTHER_ALLOCATORS))
+
+
+def check_env(env: Mapping[str, str]) -> None:
+    """Validate the DISTTRAIN_* settings read here (DISTTRAIN_THREADS, DISTTRAIN_MALLOC) without applying them,
+    e.g. in a launcher before any worker starts. Raises ValueError naming the bad one."""
+    default_threads(env, cpus={0})
+    malloc_wanted(env)
 
 
 def _glibc() -> Any:

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from disttrain import hardware
 from disttrain.config import default_output_dir, parse_config
 from disttrain.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, cut, one_line
 from disttrain.recovery import (FAILURE_FILE_ENV, RESTART_ENV, Outcome, Progress, judge, read_failure, restart_env,
@@ -173,8 +174,13 @@ def _read_refusal(path: Path) -> str | None:
 
 
 def check(flags: list[str]) -> int:
-    """Validate disttrain.train flags only: 0, or 2 after printing the one-line error (slurm/train.sh)."""
+    """Validate disttrain.train flags and DISTTRAIN_* settings: 0, or 2 after printing the one-line error
+    (slurm/train.sh)."""
     try:
+        try:
+            hardware.check_env(os.environ)  # DISTTRAIN_THREADS, DISTTRAIN_MALLOC: every worker would refuse them
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         cfg = parse_config(flags, prog=PROG)
         if cfg.sharding == "fsdp":  # the combinations FSDP2 cannot train, before any worker starts
             from disttrain.parallel import resolve_sharding  # (imports torch: only when it matters)
